@@ -1,0 +1,94 @@
+"""Multi-head self-attention with a key mask and an additive bias, plus the cheap side signals reducers read.
+
+The main product goes through `jax.nn.dot_product_attention` (XLA by default, cuDNN on GPU when asked), so the
+N x N score matrix never needs to leave the fused kernel. What reducers need is computed beside it:
+
+  cls_attn     [B, H, N]   softmax(q_0 k^T / sqrt(d) + bias) : the attention row of token 0, an O(N D) product
+  keys_mean    [B, N, d]   keys averaged over heads (ToMe's matching metric, Bolya et al. 2023 §3)
+  value_norm   [B, H, N]   ||v_n|| per head (ATS significance, Fayyaz et al. 2022 eq. 4)
+
+Parameter names follow big_vision / flax `MultiHeadDotProductAttention` (query/key/value/out, DenseGeneral
+layout [D, H, d] and [H, d, D]), so big_vision checkpoints map one to one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+SIGNALS = ("cls_attn", "keys_mean", "value_norm")
+Implementation = Literal["xla", "cudnn"] | None
+
+
+@struct.dataclass
+class Signals:
+  """What a block hands to its reducer. Fields a reducer did not ask for are None."""
+  cls_attn: jax.Array | None = None
+  keys_mean: jax.Array | None = None
+  value_norm: jax.Array | None = None
+
+
+def key_bias_and_mask(mask: jax.Array, size: jax.Array | None, prop_attn: bool):
+  """[B, N] key validity and sizes -> the additive bias (log size, or None) and the boolean key mask."""
+  bias = None
+  if prop_attn and size is not None:
+    bias = jnp.where(mask, jnp.log(jnp.maximum(size, 1e-6)), 0.0).astype(jnp.float32)
+  return bias, mask
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
+  """Softmax in fp32 over `axis`; masked entries get 0, and a fully masked row gives all zeros (not NaN)."""
+  logits = logits.astype(jnp.float32)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=axis)
+  logits = jnp.where(mask, logits, -jnp.inf)
+  m = jnp.max(logits, axis=axis, keepdims=True)
+  e = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  return e / jnp.maximum(jnp.sum(e, axis=axis, keepdims=True), jnp.finfo(jnp.float32).tiny)
+
+
+class Attention(nn.Module):
+  """Pre-projected multi-head self-attention: x [B, N, D] -> ([B, N, D], Signals)."""
+  num_heads: int
+  implementation: Implementation = None
+  dtype: jnp.dtype = jnp.float32
+  qkv_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array | None = None,
+               signals: tuple[str, ...] = ()) -> tuple[jax.Array, Signals]:
+    b, n, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"Attention.num_heads={self.num_heads} must divide the width {width}")
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias,
+                                         dtype=self.dtype, name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, N, H, d]
+
+    key_mask = mask[:, None, None, :]  # [B, 1, 1, N]
+    bias4 = None if bias is None else bias[:, None, None, :].astype(q.dtype)  # [B, 1, 1, N]
+    # An all-masked row must stay finite: give such rows one visible key (their own first slot).
+    any_valid = jnp.any(mask, axis=1)
+    key_mask = key_mask | (~any_valid[:, None, None, None] & (jnp.arange(n) == 0))
+    y = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=key_mask, implementation=self.implementation)
+    y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)  # [B, N, D]
+
+    out = {}
+    if "cls_attn" in signals:
+      scale = 1.0 / math.sqrt(head_dim)
+      logits = jnp.einsum("bhd,bnhd->bhn", q[:, 0].astype(jnp.float32), k.astype(jnp.float32)) * scale
+      if bias is not None:
+        logits = logits + bias[:, None, :]
+      out["cls_attn"] = masked_softmax(logits, mask[:, None, :])  # [B, H, N]
+    if "keys_mean" in signals:
+      out["keys_mean"] = jnp.mean(k.astype(jnp.float32), axis=2)  # [B, N, d]
+    if "value_norm" in signals:
+      out["value_norm"] = jnp.linalg.norm(v.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, N]
+    unknown = set(signals) - set(SIGNALS)
+    if unknown:
+      raise ValueError(f"Attention signals={sorted(unknown)} unknown; valid: {SIGNALS}")
+    return y, Signals(**out)

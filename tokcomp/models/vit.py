@@ -1,0 +1,239 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021, arXiv:2010.11929) with reducer slots in every block.
+
+Numerics follow timm and big_vision so that their weights give their numbers: pre-LN blocks, LayerNorm eps 1e-6,
+exact (erf) GELU, qkv bias, a CLS token or global average pooling, optional DeiT distillation token (Touvron et
+al. 2021) and register tokens (Darcet et al. 2024). Module names follow big_vision (`embedding`,
+`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`, `head`).
+
+Each block has two reducer slots: "pre" (before the block, DynamicViT's placement) and "mid" (after the
+attention residual and before the MLP, ToMe's and EViT's). `reduce` is a config string or a schedule
+(`tokcomp.reducers.build_schedule`). The forward returns `(logits, aux)`; `aux["tokens"]` is the final token
+state, whose `index` maps every original token to its slot.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tokcomp import reducers, schedules
+from tokcomp.attention import Attention, Implementation, Signals
+from tokcomp.tokens import Tokens
+
+# width, depth, mlp_dim, heads (Dosovitskiy et al. 2021, Table 1; Ti and S from Touvron et al. 2021, Table 1;
+# H from Zhai et al. 2022).
+VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def decode_variant(variant: str | None) -> dict[str, Any]:
+  """"S/16" -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=(16, 16)). "B" has no patch."""
+  if variant is None:
+    return {}
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS:
+    raise ValueError(f"ViT variant={variant!r}: size must be one of {list(VARIANTS)}, e.g. 'S/16'")
+  width, depth, mlp_dim, heads = VARIANTS[name]
+  out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
+  if patch:
+    if not patch.isdigit() or int(patch) < 1:
+      raise ValueError(f"ViT variant={variant!r}: patch size must be a positive int, e.g. 'S/16'")
+    out["patch_size"] = (int(patch), int(patch))
+  return out
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+    x = nn.gelu(x, approximate=False)  # timm uses exact GELU
+    return nn.Dense(width, dtype=self.dtype, name="Dense_1")(x)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN block: x += Attn(LN x); [mid reducer]; x += MLP(LN x). A "pre" reducer runs before it all."""
+  num_heads: int
+  mlp_dim: int
+  step: schedules.Step | None = None
+  prop_attn: bool = False  # add log(size) to the attention logits (ToMe's proportional attention)
+  attn_impl: Implementation = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Tokens) -> Tokens:
+    step = self.step
+    if step is not None and step.slot == "pre":
+      tokens = reducers.apply(step, tokens, Signals())
+    mid = step if step is not None and step.slot == "mid" else None
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(tokens.x)
+    bias = jnp.log(jnp.maximum(tokens.size, 1e-6)) if self.prop_attn else None
+    y, signals = Attention(self.num_heads, implementation=self.attn_impl, dtype=self.dtype,
+                           name="MultiHeadDotProductAttention_0")(
+                               y, tokens.mask, bias, signals=reducers.needed_signals(mid))
+    tokens = tokens.replace(x=tokens.x + y)
+    if mid is not None:
+      tokens = reducers.apply(mid, tokens, signals)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_1")(tokens.x)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+    return tokens.replace(x=tokens.x + y)
+
+
+class Encoder(nn.Module):
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  steps: tuple = ()
+  final_norm: bool = True
+  attn_impl: Implementation = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Tokens) -> Tokens:
+    prop = False  # proportional attention starts in the block after the first merge that asks for it
+    for i in range(self.depth):
+      step = self.steps[i] if self.steps else None
+      tokens = Encoder1DBlock(self.num_heads, self.mlp_dim, step=step, prop_attn=prop,
+                              attn_impl=self.attn_impl, dtype=self.dtype, name=f"encoderblock_{i}")(tokens)
+      prop = prop or (step is not None and reducers.get(step.method).prop_attn(step.config))
+    if self.final_norm:
+      tokens = tokens.replace(x=nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(tokens.x))
+    return tokens
+
+
+class ViT(nn.Module):
+  """ViT classifier: images [B, H, W, C] -> (logits [B, classes], aux).
+
+  pool: "token" (classify the final-normed CLS token) or "gap" (mean over the valid patch tokens).
+  posemb_prefix: the position embedding covers the prefix tokens too (timm's default) rather than the patches
+    only (big_vision, and timm's `no_embed_class` register models).
+  fc_norm: with "gap", normalise after pooling instead of before (timm's `global_pool="avg"`).
+  """
+  num_classes: int = 1000
+  patch_size: Sequence[int] = (16, 16)
+  width: int = 384
+  depth: int = 12
+  mlp_dim: int = 1536
+  num_heads: int = 6
+  class_token: bool = True
+  distilled: bool = False
+  num_registers: int = 0
+  pool: str = "token"
+  posemb_prefix: bool = True
+  fc_norm: bool = False
+  reduce: Any = None  # a config string ("tome:r=13") or a schedule tuple; None for the dense model
+  attn_impl: Implementation = None
+  dtype: Any = jnp.float32
+
+  @property
+  def num_prefix(self) -> int:
+    return int(self.class_token) + int(self.distilled) + self.num_registers
+
+  def check(self):
+    if self.pool not in ("token", "gap"):
+      raise ValueError(f"ViT.pool={self.pool!r}: must be 'token' or 'gap'")
+    if self.pool == "token" and not self.class_token:
+      raise ValueError("ViT.pool='token' needs class_token=True")
+    if self.distilled and not self.class_token:
+      raise ValueError("ViT.distilled=True needs class_token=True (DeiT puts CLS, then the distill token)")
+    if self.fc_norm and self.pool != "gap":
+      raise ValueError("ViT.fc_norm=True is only meaningful with pool='gap'")
+    if self.width % self.num_heads:
+      raise ValueError(f"ViT.num_heads={self.num_heads} must divide ViT.width={self.width}")
+
+  def grid(self, image_hw: Sequence[int]) -> tuple[int, int]:
+    """The patch grid for an image size; a clear error when the size does not fit the patch."""
+    ph, pw = self.patch_size
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if h < ph or w < pw or h % ph or w % pw:
+      raise ValueError(f"image size {h}x{w}: must be a positive multiple of ViT.patch_size={tuple(self.patch_size)}")
+    return h // ph, w // pw
+
+  def plan(self, image_hw: Sequence[int]) -> tuple[schedules.Schedule, tuple[schedules.LayerCounts, ...]]:
+    """The resolved per-block schedule and static token counts for an image size (no params needed)."""
+    gh, gw = self.grid(image_hw)
+    steps = reducers.build_schedule(self.reduce, self.depth)
+    return schedules.resolve(steps, self.num_prefix + gh * gw, self.num_prefix)
+
+  def flops(self, image_hw: Sequence[int], in_channels: int = 3) -> float:
+    """Analytic forward FLOPs per image (see `schedules.vit_flops`)."""
+    gh, gw = self.grid(image_hw)
+    _, counts = self.plan(image_hw)
+    return schedules.vit_flops(counts, self.width, self.mlp_dim, tuple(self.patch_size), gh * gw,
+                               self.num_classes, in_channels)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+    del train  # no dropout; kept for the train loop's signature
+    self.check()
+    if images.ndim != 4:
+      raise ValueError(f"ViT input shape {images.shape}: must be [B, H, W, C]")
+    steps, _ = self.plan(images.shape[1:3])
+    gh, gw = self.grid(images.shape[1:3])
+    x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
+                dtype=self.dtype, name="embedding")(images)
+    b = x.shape[0]
+    x = x.reshape(b, gh * gw, self.width)  # [B, N, D]
+
+    prefix = []
+    if self.class_token:
+      prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, self.width)))
+    if self.distilled:
+      prefix.append(self.param("dist", nn.initializers.zeros, (1, 1, self.width)))
+    if self.num_registers:
+      prefix.append(self.param("reg", nn.initializers.normal(1e-6), (1, self.num_registers, self.width)))
+    prefix = [jnp.broadcast_to(p, (b,) + p.shape[1:]).astype(x.dtype) for p in prefix]
+
+    n_pos = gh * gw + (self.num_prefix if self.posemb_prefix else 0)
+    posemb = self.param("pos_embedding", nn.initializers.normal(0.02), (1, n_pos, self.width))
+    if posemb.shape[1] != n_pos:  # loaded weights of another resolution
+      raise ValueError(f"pos_embedding has {posemb.shape[1]} positions but a {images.shape[1]}x{images.shape[2]} "
+                       f"image needs {n_pos}: resample it with tokcomp.checkpoints.resample_posemb")
+    posemb = posemb.astype(x.dtype)
+    if self.posemb_prefix:
+      x = jnp.concatenate(prefix + [x], axis=1) + posemb
+    else:
+      x = jnp.concatenate(prefix + [x + posemb], axis=1)
+
+    tokens = Tokens.create(x, self.num_prefix, grid=(gh, gw))
+    tokens = Encoder(self.depth, self.num_heads, self.mlp_dim, steps=steps,
+                     final_norm=not self.fc_norm, attn_impl=self.attn_impl, dtype=self.dtype,
+                     name="Transformer")(tokens)
+
+    aux: dict[str, Any] = {"tokens": tokens}
+    if self.pool == "token":
+      pre = tokens.x[:, 0]
+    else:
+      valid = tokens.mask[:, self.num_prefix:, None]
+      pre = jnp.sum(jnp.where(valid, tokens.x[:, self.num_prefix:], 0), axis=1) / jnp.maximum(
+          jnp.sum(valid, axis=1), 1)
+      if self.fc_norm:
+        pre = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(pre)
+    aux["pre_logits"] = pre
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(pre)
+    if self.distilled:
+      logits_dist = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                             name="head_dist")(tokens.x[:, 1])
+      aux["logits_cls"], aux["logits_dist"] = logits, logits_dist
+      logits = (logits + logits_dist) / 2  # DeiT's inference rule
+    return logits.astype(jnp.float32), aux
+
+
+def make(variant: str | None = None, **kwargs) -> ViT:
+  """ViT from a variant string plus overrides: `make("S/16", num_classes=10, reduce="tome:r=13")`."""
+  return ViT(**{**decode_variant(variant), **kwargs})
+
+
+def num_params(params) -> int:
+  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,35 @@
+"""Selection: keep-k by score with a static k, and the scores that rank tokens."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tokcomp.tokens import Tokens
+
+
+def topk_reducible(tokens: Tokens, score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Indices [B, K] of the k best reducible slots by `score` [B, N], ascending (spatial order survives).
+
+  Protected and invalid slots are never picked. Also returns the top-k scores' complement mask [B, N]:
+  true on the reducible valid slots that were not picked (the "dropped" set).
+  """
+  p = tokens.num_protected
+  if not 0 <= k <= tokens.num_reducible:
+    raise ValueError(f"keep count k={k}: must be in [0, {tokens.num_reducible}] (N={tokens.n}, protected={p})")
+  s = jnp.where(tokens.mask[:, p:], score[:, p:].astype(jnp.float32), -jnp.inf)
+  _, idx = jax.lax.top_k(s, k)
+  idx = jnp.sort(idx, axis=1) + p
+  picked = jnp.zeros(tokens.mask.shape, bool).at[jnp.arange(tokens.batch)[:, None], idx].set(True)
+  dropped = tokens.mask & ~picked & ~tokens.protected_mask()
+  return idx, dropped
+
+
+def keep_with_prefix(tokens: Tokens, idx: jax.Array) -> jax.Array:
+  """Prepends the protected prefix slots 0..P-1 to the picked slots `idx` [B, K] -> [B, P + K]."""
+  prefix = jnp.broadcast_to(jnp.arange(tokens.num_protected, dtype=idx.dtype), (tokens.batch, tokens.num_protected))
+  return jnp.concatenate([prefix, idx], axis=1)
+
+
+def cls_attention_score(cls_attn: jax.Array) -> jax.Array:
+  """EViT's attentiveness (Liang et al., ICLR 2022, eq. 3): the CLS attention row averaged over heads, [B, N]."""
+  return jnp.mean(cls_attn, axis=1)

@@ -1,0 +1,119 @@
+"""Reducer registry: config strings such as "tome:r=13" or "evit:keep=0.7,layers=3-6-9" -> a schedule.
+
+A method registers a `Method`: its config dataclass, the pure `reduce(tokens, signals, *, config)`, the
+signals it reads from attention, how to spread its arguments over the blocks, and its static count rule.
+`reducers.names()` drives the contract tests, so every registered method is tested for jit-once, batch > 1,
+odd N, finite outputs and its declared count.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Callable
+
+from tokcomp import schedules
+from tokcomp.attention import Signals
+from tokcomp.tokens import Tokens
+
+ReduceFn = Callable[..., Tokens]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  reduce: ReduceFn                              # reduce(tokens, signals, *, config) -> tokens
+  signals: tuple[str, ...]                      # what the block's attention must compute
+  build: Callable[[dict[str, Any], int], schedules.Schedule]  # parsed args, depth -> per-block steps
+  out_count: Callable[[Any, int, int], int]     # config, N, protected -> N'
+  resolve: Callable[[Any, int, int], Any] = lambda config, n, p: config  # adapt to N, or None for identity
+  prop_attn: Callable[[Any], bool] = lambda config: False  # ask for log(size) in later attention
+  example: str = ""                             # a small valid config string for the contract tests
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  if method.name in _REGISTRY:
+    raise ValueError(f"reducer {method.name!r} is already registered")
+  _REGISTRY[method.name] = method
+  return method
+
+
+def get(name: str) -> Method:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown reducer {name!r}; registered: {', '.join(names())}")
+  return _REGISTRY[name]
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def parse_args(spec: str) -> tuple[str, dict[str, Any]]:
+  """"evit:keep=0.7,layers=3-6-9" -> ("evit", {"keep": 0.7, "layers": "3-6-9"}). Values are Python literals
+  where they parse as one, else strings."""
+  name, _, rest = spec.strip().partition(":")
+  args: dict[str, Any] = {}
+  for item in filter(None, (t.strip() for t in _split_top(rest))):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"reducer spec {spec!r}: argument {item!r} must be key=value")
+    try:
+      args[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      args[key.strip()] = value.strip()
+  return name.strip(), args
+
+
+def _split_top(s: str) -> list[str]:
+  """Splits on commas that are not inside brackets, so "r=(8, -0.5)" stays one argument."""
+  out, depth, cur = [], 0, ""
+  for ch in s:
+    depth += 1 if ch in "([" else -1 if ch in ")]" else 0
+    if ch == "," and depth == 0:
+      out.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  return out + [cur]
+
+
+def build_schedule(spec: str | schedules.Schedule | None, depth: int) -> schedules.Schedule:
+  """A config string (methods joined by '+', each on its own blocks), a ready schedule, or None -> schedule."""
+  if spec is None or (isinstance(spec, str) and spec.strip() in ("", "none", "dense")):
+    return (None,) * depth
+  if isinstance(spec, tuple):
+    if len(spec) != depth:
+      raise ValueError(f"schedule has {len(spec)} entries: must have one per block, depth={depth}")
+    return spec
+  steps: list = [None] * depth
+  for part in spec.split("+"):
+    name, args = parse_args(part)
+    for i, step in enumerate(get(name).build(args, depth)):
+      if step is None:
+        continue
+      if steps[i] is not None:
+        raise ValueError(f"reducer spec {spec!r}: block {i} gets both {steps[i].method} and {step.method}")
+      steps[i] = step
+  return tuple(steps)
+
+
+def apply(step: schedules.Step, tokens: Tokens, signals: Signals) -> Tokens:
+  return get(step.method).reduce(tokens, signals, config=step.config)
+
+
+def needed_signals(step: schedules.Step | None) -> tuple[str, ...]:
+  return () if step is None else get(step.method).signals
+
+
+def check_args(method: str, args: dict[str, Any], allowed: dict[str, Any]) -> dict[str, Any]:
+  """Fills defaults and rejects unknown argument names, naming the valid ones."""
+  unknown = set(args) - set(allowed)
+  if unknown:
+    raise ValueError(f"{method}: unknown argument(s) {sorted(unknown)}; valid: {sorted(allowed)}")
+  return {**allowed, **args}
+
+
+# Importing the method modules registers them.
+from tokcomp.reducers import avgpool, evit, random_drop, tome, topk  # noqa: E402,F401
