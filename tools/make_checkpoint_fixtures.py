@@ -42,7 +42,6 @@ Command (from the repo root, using the separate torch venv):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List
 
 import numpy as np
 

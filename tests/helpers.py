@@ -1,0 +1,56 @@
+"""Shared test helpers: tiny models and token fixtures."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokcomp.attention import Signals
+from tokcomp.models import vit
+from tokcomp.tokens import Tokens
+
+TINY = dict(num_classes=10, patch_size=(8, 8), width=64, depth=4, mlp_dim=128, num_heads=2)
+
+
+def tiny_vit(**kw) -> vit.ViT:
+  return vit.ViT(**{**TINY, **kw})
+
+
+def random_params(model, image_hw=(56, 56), seed=0, std=0.2):
+  """Init, then perturb every parameter so that heads, scores and prefix tokens are non-trivial."""
+  x = jnp.zeros((1, *image_hw, 3))
+  params = model.init(jax.random.key(seed), x)
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [l + std * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def tokens_and_signals(batch=3, n=37, d=16, heads=2, protected=1, seed=0):
+  """Random tokens plus the signals every reducer may ask for."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(k1, (batch, n, d))
+  tokens = Tokens.create(x, protected)
+  cls_attn = jax.nn.softmax(3 * jax.random.normal(k2, (batch, heads, n)), axis=-1)
+  signals = Signals(cls_attn=cls_attn, keys_mean=jax.random.normal(k3, (batch, n, d)),
+                    value_norm=jnp.abs(jax.random.normal(k4, (batch, heads, n))))
+  return tokens, signals
+
+
+def images(batch=3, hw=(56, 56), seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, *hw, 3))
+
+
+def count_compiles(fn):
+  """Wraps a jitted function; returns (wrapper, counter) where counter() is how often it was traced."""
+  calls = {"n": 0}
+
+  def traced(*a, **k):
+    calls["n"] += 1
+    return fn(*a, **k)
+
+  return jax.jit(traced), lambda: calls["n"]
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6, err_msg=""):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=err_msg)
