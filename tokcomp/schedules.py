@@ -34,7 +34,7 @@ def parse_r(r: int | Sequence[int] | tuple[int, float], depth: int) -> tuple[int
 
   int r           constant r per layer;
   (r, inflect)    a linear ramp through r: r_l = int(lo + step * l), lo = int(r (1 - inflect)), hi = 2r - lo,
-                  step = (hi - lo) / (depth - 1); inflect > 0 merges more early, < 0 more late;
+                  step = (hi - lo) / (depth - 1); inflect < 0 merges more early, > 0 more late;
   list            one r per layer, padded with zeros to `depth`.
   """
   if isinstance(r, bool):
