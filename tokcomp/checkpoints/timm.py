@@ -94,6 +94,10 @@ def convert(arrays: Mapping[str, np.ndarray], *, num_heads: int | None = None,
     norm(s + "LayerNorm_0", t + "norm1")
     norm(s + "LayerNorm_1", t + "norm2")
     qkv_w, qkv_b = a.pop(t + "attn.qkv.weight"), a.pop(t + "attn.qkv.bias")  # [3D, D], [3D]
+    # These are sliced and reshaped before the model check, so a bad shape must be named here.
+    _expect_shape(t + "attn.qkv.weight", qkv_w, (3 * width, width))
+    _expect_shape(t + "attn.qkv.bias", qkv_b, (3 * width,))
+    _expect_shape(t + "attn.proj.weight", a[t + "attn.proj.weight"], (width, width))
     for j, name in enumerate(("query", "key", "value")):
       out[f"{s}MultiHeadDotProductAttention_0/{name}/kernel"] = np.ascontiguousarray(
           qkv_w[j * width:(j + 1) * width].T.reshape(width, heads, hd))
@@ -115,6 +119,12 @@ def convert(arrays: Mapping[str, np.ndarray], *, num_heads: int | None = None,
   if a:
     raise ValueError(f"timm checkpoint: keys tokcomp does not know how to load: {sorted(a)[:10]}")
   return model, unflatten(out)
+
+
+def _expect_shape(key: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+  if tuple(np.shape(array)) != shape:
+    raise ValueError(f"checkpoint does not fit the model:\n  shape {key}: checkpoint {tuple(np.shape(array))} "
+                     f"vs model {shape}")
 
 
 def square_side_or_none(n: int) -> int | None:

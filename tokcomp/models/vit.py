@@ -196,10 +196,11 @@ class ViT(nn.Module):
     prefix = [jnp.broadcast_to(p, (b,) + p.shape[1:]).astype(x.dtype) for p in prefix]
 
     n_pos = gh * gw + (self.num_prefix if self.posemb_prefix else 0)
-    posemb = self.param("pos_embedding", nn.initializers.normal(0.02), (1, n_pos, self.width))
-    if posemb.shape[1] != n_pos:  # loaded weights of another resolution
-      raise ValueError(f"pos_embedding has {posemb.shape[1]} positions but a {images.shape[1]}x{images.shape[2]} "
+    if self.has_variable("params", "pos_embedding") and (
+        self.get_variable("params", "pos_embedding").shape[1] != n_pos):  # weights of another resolution
+      raise ValueError(f"pos_embedding has {self.get_variable('params', 'pos_embedding').shape[1]} positions but a {images.shape[1]}x{images.shape[2]} "
                        f"image needs {n_pos}: resample it with tokcomp.checkpoints.resample_posemb")
+    posemb = self.param("pos_embedding", nn.initializers.normal(0.02), (1, n_pos, self.width))
     posemb = posemb.astype(x.dtype)
     if self.posemb_prefix:
       x = jnp.concatenate(prefix + [x], axis=1) + posemb
