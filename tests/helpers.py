@@ -19,10 +19,11 @@ def tiny_vit(**kw) -> vit.ViT:
 def random_params(model, image_hw=(56, 56), seed=0, std=0.2):
   """Init, then perturb every parameter so that heads, scores and prefix tokens are non-trivial."""
   x = jnp.zeros((1, *image_hw, 3))
-  params = model.init(jax.random.key(seed), x)
+  # Params do not depend on the reducers; init the dense twin under jit (eager init compiles op by op).
+  params = jax.jit(model.clone(reduce=None).init)(jax.random.key(seed), x)
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [l + std * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+  leaves = [np.asarray(l) + std * np.asarray(jax.random.normal(k, l.shape)) for l, k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(tree, leaves)
 
 

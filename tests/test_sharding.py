@@ -1,0 +1,85 @@
+"""Data parallelism: a batch-sharded forward equals the unsharded one, and reducers need no collectives.
+
+This process has already initialised jax with one CPU device, so the checks run once, in a subprocess with
+8 simulated devices (tests/sharding_check.py), and the tests below assert on the JSON it prints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tokcomp import reducers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SCRIPT = os.path.join(HERE, "sharding_check.py")
+VIT_CASES = ["dense", "tome", "evit"]  # keys of sharding_check.VIT_REDUCE
+
+# Known library bug (not in the files these tests may touch): the reducers' batched scatters index the batch
+# with an explicit row iota, `x.at[jnp.arange(B)[:, None], idx]` (tokens.py gather/compact/reassign,
+# ops/select.py, ops/merge.py, reducers/evit.py), and ops/select.py uses `lax.top_k`; XLA's SPMD partitioner
+# cannot see that either is per example and inserts all-gather/all-reduce. jax.vmap over the batch for the
+# scatters and a stable descending argsort in place of top_k remove every collective (checked: same
+# numbers, parity goldens pass). strict: each of these flips to a failure once fixed; then drop the marks.
+COLLECTIVES_BUG = ("reducer scatters index the batch with arange(B) rows / lax.top_k: XLA inserts collectives")
+KNOWN_COLLECTIVES = {"vit/tome", "vit/evit", "reducer/avgpool", "reducer/evit", "reducer/random", "reducer/tome",
+                     "reducer/topk"}
+
+
+@pytest.fixture(scope="module")
+def results():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
+  t0 = time.perf_counter()
+  r = subprocess.run([sys.executable, SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, f"sharding_check.py failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  out["_seconds"] = time.perf_counter() - t0
+  return out
+
+
+def case(label: str):
+  marks = [pytest.mark.xfail(strict=True, reason=COLLECTIVES_BUG)] if label in KNOWN_COLLECTIVES else []
+  return pytest.param(label, marks=marks, id=label)
+
+
+def test_eight_simulated_devices(results):
+  assert results["devices"] == {"count": 8, "platform": "cpu"}
+
+
+@pytest.mark.parametrize("label", [f"vit/{c}" for c in VIT_CASES])
+def test_vit_sharded_forward_equals_unsharded(results, label):
+  r = results[label]
+  assert r["close"], f"{label}: sharded forward differs from unsharded (max |diff| {r['max_abs']:.3g})"
+  assert r["logit_shards"] == 8, "logits should come back split over the 8 devices"
+
+
+@pytest.mark.parametrize("label", [case(f"vit/{c}") for c in VIT_CASES])
+def test_vit_sharded_forward_has_no_collectives(results, label):
+  assert results[label]["collectives"] == [], f"{label}: compiled HLO has {results[label]['collectives']}"
+
+
+def test_every_registered_reducer_was_checked(results):
+  assert sorted(k[len("reducer/"):] for k in results if k.startswith("reducer/")) == reducers.names()
+
+
+@pytest.mark.parametrize("name", reducers.names())
+def test_reducer_sharded_equals_unsharded(results, name):
+  r = results[f"reducer/{name}"]
+  assert r["close"], f"{name} ({r['example']}): sharded output differs (max |diff| {r['max_abs']:.3g})"
+  assert r["x_shards"] == 8
+
+
+@pytest.mark.parametrize("label", [case(f"reducer/{n}") for n in reducers.names()])
+def test_reducer_has_no_collectives(results, label):
+  r = results[label]
+  assert r["collectives"] == [], f"{label} ({r['example']}): compiled HLO has {r['collectives']}"
+
+
+def test_sharding_check_is_fast(results):
+  assert results["_seconds"] < 90, f"sharding_check.py took {results['_seconds']:.0f} s (budget ~60 s)"
