@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,12 +251,6 @@ def test_image_size_not_a_multiple_of_the_patch(name):
     checkpoints.load(path(name), num_heads=2, image_size=30)
 
 
-# Library bug (tokcomp/models/vit.py, outside this file's remit): ViT calls self.param("pos_embedding", ...)
-# before its own size check, and flax's ScopeParamShapeError (not a ValueError) fires first, so the helpful
-# "resample it" message is unreachable. Fix: compare self.get_variable("params", "pos_embedding").shape
-# with n_pos before self.param. strict: this turns into a failure once the fix lands; then drop the mark.
-@pytest.mark.xfail(strict=True, raises=flax.errors.ScopeParamShapeError,
-                   reason="ViT's posemb size check runs after flax's own param shape check")
 @pytest.mark.parametrize("name", ["timm_vit_cls", "timm_vit_reg4"])
 def test_apply_at_another_size_than_the_posemb(name):
   model, params = checkpoints.load(path(name), num_heads=2)
