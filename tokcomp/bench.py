@@ -48,7 +48,13 @@ class Row:
 def device_name() -> str:
   d = jax.devices()[0]
   if d.platform == "cpu":
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    model = platform.processor() or platform.machine()
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+    except OSError:
+      pass
+    return f"cpu ({model}, {os.cpu_count()} cores)"
   return getattr(d, "device_kind", d.platform)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def bipartite_soft_matching(metric: jax.Array, mask: jax.Array, r: int, num_protected: int) -> jax.Array:
@@ -29,26 +30,31 @@ def bipartite_soft_matching(metric: jax.Array, mask: jax.Array, r: int, num_prot
   node_max = jnp.max(scores, axis=-1)  # [B, Na]
   node_idx = jnp.argmax(scores, axis=-1)  # [B, Na]
 
-  # The r best A nodes (descending score) merge; ties break by position, as a stable sort would.
-  order = jnp.argsort(-node_max, axis=-1, stable=True)  # [B, Na]
-  merged_a = jnp.zeros((b, na), bool).at[jnp.arange(b)[:, None], order[:, :r]].set(True)
+  # The r best A nodes (descending score) merge; ties break by position.
+  rows = jnp.arange(b)[:, None]
+  if num_protected:
+    _, best = jax.lax.top_k(node_max, r)  # [B, r]
+  else:  # the full ranking is needed below for the order of the unmerged A slots
+    order = jnp.argsort(-node_max, axis=-1, stable=True)  # [B, Na]
+    best = order[:, :r]
+  merged_a = jnp.zeros((b, na), bool).at[rows, best].set(True)  # [B, Na]
 
   # New order: protected first, then unmerged A, then B by position. ToMe sorts the unmerged A by position
   # when a class token leads; with no prefix it leaves them in descending score order, and so do we.
-  is_a = pos % 2 == 0
-  half = jnp.where(is_a, pos // 2, (pos - 1) // 2)
-  merged = jnp.where(is_a[None, :], jnp.take(merged_a, half, axis=1, mode="clip"), False)  # [B, N]
+  # Every new slot is a count, so no sort is needed: B slots and the prefix have static places.
+  is_a = np.arange(n) % 2 == 0
+  half = np.where(is_a, np.arange(n) // 2, (np.arange(n) - 1) // 2)
+  prot = np.arange(n) < num_protected
+  num_unmerged_a = int((is_a & ~prot).sum()) - r
+  b_slot = num_protected + num_unmerged_a + np.cumsum(~is_a & ~prot) - 1  # static: [N]
+  merged = jnp.asarray(is_a) & merged_a[:, half]  # [B, N]
   if num_protected:
-    a_rank = jnp.broadcast_to(pos, (b, n))
+    unmerged_a = jnp.asarray(is_a & ~prot) & ~merged
+    a_slot = num_protected + jnp.cumsum(unmerged_a, axis=1) - 1
   else:
-    rank = jnp.zeros((b, na), jnp.int32).at[jnp.arange(b)[:, None], order].set(jnp.arange(na, dtype=jnp.int32))
-    a_rank = jnp.take(rank, half, axis=1, mode="clip")
-  group_key = jnp.where(pos < num_protected, pos, jnp.where(is_a, n + a_rank, 2 * n + pos))
-  key = jnp.where(merged, 3 * n + pos, group_key)  # merged A slots sort last and are cut
-  new_order = jnp.argsort(key, axis=-1)[:, :n - r]  # [B, N - r]: old slot at each new slot
-  old_to_new = jnp.full((b, n), -1, jnp.int32).at[jnp.arange(b)[:, None], new_order].set(
-      jnp.arange(n - r, dtype=jnp.int32))
-  # A merged a slot follows its partner b to that b's new slot.
-  partner = 2 * jnp.take(node_idx, half, axis=1, mode="clip") + 1  # [B, N] (meaningful on A slots)
-  partner_new = jnp.take_along_axis(old_to_new, jnp.clip(partner, 0, n - 1), axis=1)
-  return jnp.where(merged, partner_new, old_to_new)
+    rank = jnp.zeros((b, na), jnp.int32).at[rows, order].set(jnp.arange(na, dtype=jnp.int32))
+    a_slot = rank[:, half] - r
+  old_to_new = jnp.where(prot, np.arange(n), jnp.where(is_a, a_slot, b_slot)).astype(jnp.int32)  # [B, N]
+  # A merged a slot follows its partner b (position 2 j + 1) to that b's static slot.
+  partner_slot = jnp.asarray(b_slot.astype(np.int32))[2 * node_idx + 1]  # [B, Na]
+  return jnp.where(merged, partner_slot[:, half], old_to_new)
