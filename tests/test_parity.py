@@ -28,7 +28,8 @@ def tome_spec(config):
   return f"tome:r={r},prop_attn={config['prop_attn']}"
 
 
-@pytest.mark.parametrize("name", ["tome_cls50_r5", "tome_cls37_inflect", "tome_dist51_list", "tome_cls50_noprop"])
+@pytest.mark.parametrize("name", ["tome_cls50_r5", "tome_cls37_inflect", "tome_dist51_list", "tome_cls50_noprop",
+                                  "tome_gap49_r6"])
 def test_tome_matches_reference(name):
   config, state, g = load(name)
   model, params = model_from_state(state, num_heads=config["num_heads"], reduce=tome_spec(config))

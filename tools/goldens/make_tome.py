@@ -55,6 +55,9 @@ CASES = {
     "tome_cls37_inflect": dict(img_size=48, distilled=False, r=(4, -0.5), prop_attn=True, seed=10),
     "tome_dist51_list": dict(img_size=56, distilled=True, r=[6, 5, 4, 3], prop_attn=True, seed=20),
     "tome_cls50_noprop": dict(img_size=56, distilled=False, r=8, prop_attn=False, seed=30),
+    # No class token (global average pooling): ToMe leaves the unmerged A tokens in descending score order,
+    # and that order compounds through the next layers' A/B split.
+    "tome_gap49_r6": dict(img_size=56, distilled=False, r=6, prop_attn=True, seed=46, class_token=False),
 }
 
 
@@ -63,8 +66,9 @@ def build_model(case: dict):
     from timm.models.deit import VisionTransformerDistilled
 
     cls = VisionTransformerDistilled if case["distilled"] else vt.VisionTransformer
-    model = cls(img_size=case["img_size"], global_pool="token", class_token=True, qkv_bias=True,
-                **BASE)
+    class_token = case.get("class_token", True)
+    model = cls(img_size=case["img_size"], global_pool="token" if class_token else "avg",
+                class_token=class_token, qkv_bias=True, **BASE)
     return model
 
 
@@ -89,6 +93,9 @@ def margins_for_matching(rec: dict, log: common.MarginLog, layer: int) -> None:
         order = torch.argsort(node_max[bi], descending=True)
         nm = node_max[bi][order].numpy()
         log.add(f"layer{layer}/b{bi}/rank-cut", common.topk_cut_gap(nm, r_eff))
+        if not rec["class_token"]:  # the whole descending order of the unmerged A nodes is output order
+            for j in range(r_eff, nm.shape[0] - 1):
+                log.add(f"layer{layer}/b{bi}/order{j}", common.relative_gap(nm[j], nm[j + 1]))
         for a_idx in order[:r_eff].tolist():
             row = torch.sort(scores[bi, a_idx], descending=True).values.numpy()
             if row.shape[0] >= 2:
@@ -172,7 +179,8 @@ def run_case(name: str, case: dict, tome_repo: str, out_dir: str, seed_override=
         case=name,
         img_size=case["img_size"], **BASE,
         in_chans=3, batch=BATCH,
-        class_token=True, distilled=case["distilled"], global_pool="token",
+        class_token=case.get("class_token", True), distilled=case["distilled"],
+        global_pool="token" if case.get("class_token", True) else "avg",
         qkv_bias=True, layer_norm_eps=1e-6, act="gelu_erf",
         num_prefix_tokens=int(model.num_prefix_tokens), num_patches=int(model.patch_embed.num_patches),
         tokens_in=int(n0),
