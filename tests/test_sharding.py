@@ -20,17 +20,6 @@ ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "sharding_check.py")
 VIT_CASES = ["dense", "tome", "evit"]  # keys of sharding_check.VIT_REDUCE
 
-# Known library bug (not in the files these tests may touch): the reducers' batched scatters index the batch
-# with an explicit row iota, `x.at[jnp.arange(B)[:, None], idx]` (tokens.py gather/compact/reassign,
-# ops/select.py, ops/merge.py, reducers/evit.py), and ops/select.py uses `lax.top_k`; XLA's SPMD partitioner
-# cannot see that either is per example and inserts all-gather/all-reduce. jax.vmap over the batch for the
-# scatters and a stable descending argsort in place of top_k remove every collective (checked: same
-# numbers, parity goldens pass). strict: each of these flips to a failure once fixed; then drop the marks.
-COLLECTIVES_BUG = ("reducer scatters index the batch with arange(B) rows / lax.top_k: XLA inserts collectives")
-KNOWN_COLLECTIVES = {"vit/tome", "vit/evit", "reducer/avgpool", "reducer/evit", "reducer/random", "reducer/tome",
-                     "reducer/topk"}
-
-
 @pytest.fixture(scope="module")
 def results():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
@@ -41,11 +30,6 @@ def results():
   out = json.loads(r.stdout.strip().splitlines()[-1])
   out["_seconds"] = time.perf_counter() - t0
   return out
-
-
-def case(label: str):
-  marks = [pytest.mark.xfail(strict=True, reason=COLLECTIVES_BUG)] if label in KNOWN_COLLECTIVES else []
-  return pytest.param(label, marks=marks, id=label)
 
 
 def test_eight_simulated_devices(results):
@@ -59,7 +43,7 @@ def test_vit_sharded_forward_equals_unsharded(results, label):
   assert r["logit_shards"] == 8, "logits should come back split over the 8 devices"
 
 
-@pytest.mark.parametrize("label", [case(f"vit/{c}") for c in VIT_CASES])
+@pytest.mark.parametrize("label", [f"vit/{c}" for c in VIT_CASES])
 def test_vit_sharded_forward_has_no_collectives(results, label):
   assert results[label]["collectives"] == [], f"{label}: compiled HLO has {results[label]['collectives']}"
 
@@ -75,7 +59,7 @@ def test_reducer_sharded_equals_unsharded(results, name):
   assert r["x_shards"] == 8
 
 
-@pytest.mark.parametrize("label", [case(f"reducer/{n}") for n in reducers.names()])
+@pytest.mark.parametrize("label", [f"reducer/{n}" for n in reducers.names()])
 def test_reducer_has_no_collectives(results, label):
   r = results[label]
   assert r["collectives"] == [], f"{label} ({r['example']}): compiled HLO has {r['collectives']}"

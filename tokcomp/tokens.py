@@ -76,8 +76,7 @@ class Tokens:
     b, k = keep.shape
     keep = keep.astype(jnp.int32)
     take = lambda a: jnp.take_along_axis(a, keep.reshape(b, k, *([1] * (a.ndim - 2))), axis=1)
-    old_to_new = jnp.full((b, self.n), -1, jnp.int32).at[jnp.arange(b)[:, None], keep].set(
-        jnp.arange(k, dtype=jnp.int32))
+    old_to_new = batched_scatter(jnp.full((b, self.n), -1, jnp.int32), keep, jnp.arange(k, dtype=jnp.int32))
     return self.replace(x=take(self.x), mask=take(self.mask), size=take(self.size),
                         index=_compose(self.index, old_to_new), grid=None)
 
@@ -93,8 +92,8 @@ class Tokens:
     out = self.gather(order)
     kept_valid = jnp.take_along_axis(valid, order, axis=1)
     # Slots cut by the capacity, or kept but invalid, no longer hold anything.
-    old_to_new = jnp.full((self.batch, self.n), -1, jnp.int32).at[
-        jnp.arange(self.batch)[:, None], order].set(jnp.where(kept_valid, jnp.arange(capacity), -1))
+    old_to_new = batched_scatter(jnp.full((self.batch, self.n), -1, jnp.int32), order,
+                                 jnp.where(kept_valid, jnp.arange(capacity), -1))
     return out.replace(mask=kept_valid, index=_compose(self.index, old_to_new))
 
   def reassign(self, dest: jax.Array, num_out: int, weight: jax.Array | None = None,
@@ -110,8 +109,7 @@ class Tokens:
     weight = jnp.where(self.mask, weight, 0.0)
     dest = dest.astype(jnp.int32)
     tgt = jnp.where(dest < 0, num_out, dest)  # out-of-range rows are dropped by mode="drop"
-    rows = jnp.arange(b)[:, None]
-    acc = lambda vals, shape, dt: jnp.zeros(shape, dt).at[rows, tgt].add(vals, mode="drop")
+    acc = lambda vals, shape, dt: batched_scatter(jnp.zeros(shape, dt), tgt, vals, "add", mode="drop")
     x = acc(weight[..., None].astype(self.x.dtype) * self.x, (b, num_out, self.x.shape[-1]), self.x.dtype)
     size = acc(jnp.where(self.mask, self.size, 0.0), (b, num_out), self.size.dtype)
     if normalize:
@@ -140,6 +138,13 @@ class Tokens:
   def source(self) -> jax.Array:
     """[B, N, N0] one-hot: which original tokens each slot holds (ToMe's `source` trace)."""
     return (self.index[:, None, :] == jnp.arange(self.n)[None, :, None]) & (self.index[:, None, :] >= 0)
+
+
+def batched_scatter(target: jax.Array, idx: jax.Array, values, op: str = "set", mode: str | None = None):
+  """target[b, idx[b, j]] (op)= values[b, j], with the batch as a scatter batching dimension (jax.vmap), so a
+  batch-sharded call partitions with no collectives (an explicit arange(B) row index does not)."""
+  values = jnp.broadcast_to(jnp.asarray(values, target.dtype), idx.shape + target.shape[2:])
+  return jax.vmap(lambda t, i, v: getattr(t.at[i], op)(v, mode=mode))(target, idx, values)
 
 
 def _compose(index: jax.Array, old_to_new: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokcomp.tokens import batched_scatter
+
 
 def bipartite_soft_matching(metric: jax.Array, mask: jax.Array, r: int, num_protected: int) -> jax.Array:
   """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, arXiv:2210.09461, §3, Alg. 1).
@@ -31,13 +33,13 @@ def bipartite_soft_matching(metric: jax.Array, mask: jax.Array, r: int, num_prot
   node_idx = jnp.argmax(scores, axis=-1)  # [B, Na]
 
   # The r best A nodes (descending score) merge; ties break by position.
-  rows = jnp.arange(b)[:, None]
   if num_protected:
-    _, best = jax.lax.top_k(node_max, r)  # [B, r]
+    best = jnp.argsort(node_max, axis=-1, descending=True, stable=True)[:, :r]  # [B, r] (= lax.top_k, which
+    # a batch-sharded jit all-gathers)
   else:  # the full ranking is needed below for the order of the unmerged A slots
     order = jnp.argsort(-node_max, axis=-1, stable=True)  # [B, Na]
     best = order[:, :r]
-  merged_a = jnp.zeros((b, na), bool).at[rows, best].set(True)  # [B, Na]
+  merged_a = batched_scatter(jnp.zeros((b, na), bool), best, True)  # [B, Na]
 
   # New order: protected first, then unmerged A, then B by position. ToMe sorts the unmerged A by position
   # when a class token leads; with no prefix it leaves them in descending score order, and so do we.
@@ -52,7 +54,7 @@ def bipartite_soft_matching(metric: jax.Array, mask: jax.Array, r: int, num_prot
     unmerged_a = jnp.asarray(is_a & ~prot) & ~merged
     a_slot = num_protected + jnp.cumsum(unmerged_a, axis=1) - 1
   else:
-    rank = jnp.zeros((b, na), jnp.int32).at[rows, order].set(jnp.arange(na, dtype=jnp.int32))
+    rank = batched_scatter(jnp.zeros((b, na), jnp.int32), order, jnp.arange(na, dtype=jnp.int32))
     a_slot = rank[:, half] - r
   old_to_new = jnp.where(prot, np.arange(n), jnp.where(is_a, a_slot, b_slot)).astype(jnp.int32)  # [B, N]
   # A merged a slot follows its partner b (position 2 j + 1) to that b's static slot.

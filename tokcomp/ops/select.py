@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tokcomp.tokens import Tokens
+from tokcomp.tokens import Tokens, batched_scatter
 
 
 def topk_reducible(tokens: Tokens, score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -17,9 +17,9 @@ def topk_reducible(tokens: Tokens, score: jax.Array, k: int) -> tuple[jax.Array,
   if not 0 <= k <= tokens.num_reducible:
     raise ValueError(f"keep count k={k}: must be in [0, {tokens.num_reducible}] (N={tokens.n}, protected={p})")
   s = jnp.where(tokens.mask[:, p:], score[:, p:].astype(jnp.float32), -jnp.inf)
-  _, idx = jax.lax.top_k(s, k)
+  idx = jnp.argsort(s, axis=1, descending=True, stable=True)[:, :k]  # = lax.top_k, which does not shard
   idx = jnp.sort(idx, axis=1) + p
-  picked = jnp.zeros(tokens.mask.shape, bool).at[jnp.arange(tokens.batch)[:, None], idx].set(True)
+  picked = batched_scatter(jnp.zeros(tokens.mask.shape, bool), idx, True)
   dropped = tokens.mask & ~picked & ~tokens.protected_mask()
   return idx, dropped
 

@@ -16,7 +16,7 @@ from tokcomp import reducers
 from tokcomp.attention import Signals
 from tokcomp.ops import select
 from tokcomp.reducers import keep
-from tokcomp.tokens import Tokens
+from tokcomp.tokens import Tokens, batched_scatter
 
 
 def reduce(tokens: Tokens, signals: Signals, *, config: keep.KeepConfig) -> Tokens:
@@ -30,8 +30,7 @@ def reduce(tokens: Tokens, signals: Signals, *, config: keep.KeepConfig) -> Toke
     return tokens.gather(kept)
   # One scatter: kept slots move unchanged to their place, dropped slots add a_n x_n into the last slot.
   m = kept.shape[1]
-  rows = jnp.arange(tokens.batch)[:, None]
-  dest = jnp.where(dropped, m, -1).at[rows, kept].set(jnp.arange(m, dtype=jnp.int32))
+  dest = batched_scatter(jnp.where(dropped, m, -1), kept, jnp.arange(m, dtype=jnp.int32))
   weight = jnp.where(dropped, score, 1.0)
   return tokens.reassign(dest, m + 1, weight=weight, normalize=False)
 
