@@ -10,7 +10,6 @@ from helpers import assert_close, tokens_and_signals
 from tokcomp import reducers
 from tokcomp.ops.merge import bipartite_soft_matching
 from tokcomp.reducers import keep
-from tokcomp.tokens import Tokens
 
 
 def example_step(name, depth=4):

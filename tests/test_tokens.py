@@ -1,5 +1,4 @@
 """Token state moves against loop-based NumPy references."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tokcomp.checkpoints import big_vision, timm
-from tokcomp.checkpoints.common import check_against_model, read_arrays, resample_posemb
+from tokcomp.checkpoints.common import check_against_model, image_size_of, read_arrays, resample_posemb
 
 __all__ = ["load", "read_arrays", "detect_format", "resample_posemb", "check_against_model", "timm", "big_vision"]
 
@@ -44,5 +44,5 @@ def load(path_or_arrays: str | os.PathLike | Mapping[str, np.ndarray], *, num_he
   fmt = detect_format(arrays)
   module = timm if fmt == "timm" else big_vision
   model, params = module.convert(arrays, num_heads=num_heads, image_size=image_size, **model_overrides)
-  check_against_model(model, params, image_size=module.image_size_of(model, params))
+  check_against_model(model, params, image_size=image_size_of(model, params))
   return model, params

@@ -29,12 +29,6 @@ def find_prefix(arrays: Mapping[str, np.ndarray]) -> str | None:
   return None
 
 
-def image_size_of(model: vit.ViT, params: Mapping[str, Any]) -> tuple[int, int]:
-  n = params["params"]["pos_embedding"].shape[1] - (model.num_prefix if model.posemb_prefix else 0)
-  side = square_side(n, "pos_embedding")
-  return side * model.patch_size[0], side * model.patch_size[1]
-
-
 def convert(arrays: Mapping[str, np.ndarray], *, num_heads: int | None = None,
             image_size: int | tuple[int, int] | None = None, **overrides: Any) -> tuple[vit.ViT, dict]:
   prefix = find_prefix(arrays)

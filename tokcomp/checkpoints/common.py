@@ -54,6 +54,13 @@ def square_side(n: int, what: str) -> int:
   return side
 
 
+def image_size_of(model: vit.ViT, params: Mapping[str, Any]) -> tuple[int, int]:
+  """The (square) image size a model's loaded position embedding was made for."""
+  n = params["params"]["pos_embedding"].shape[1] - (model.num_prefix if model.posemb_prefix else 0)
+  side = square_side(n, "pos_embedding")
+  return side * model.patch_size[0], side * model.patch_size[1]
+
+
 def resample_posemb(posemb: np.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int],
                     num_prefix: int) -> np.ndarray:
   """Bilinear resampling of the patch part of a [1, P + h*w, D] position embedding to a new grid."""

@@ -18,7 +18,7 @@ def bipartite_soft_matching(metric: jax.Array, mask: jax.Array, r: int, num_prot
   (original order), then the unmerged A slots by position, then the B slots by position. Count: N -> N - r.
   """
   b, n, _ = metric.shape
-  na, nb = (n + 1) // 2, n // 2
+  na = (n + 1) // 2
   if not 0 <= r <= (n - num_protected) // 2:
     raise ValueError(f"ToMe r={r}: must be in [0, {(n - num_protected) // 2}] = [0, (N - protected) // 2] "
                      f"for N={n}, protected={num_protected}")

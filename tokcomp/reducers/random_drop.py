@@ -7,7 +7,6 @@ Count: N -> P + k.  Order: prefix, then kept tokens in ascending slot order.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from tokcomp import reducers
 from tokcomp.attention import Signals
