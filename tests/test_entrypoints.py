@@ -29,16 +29,6 @@ def test_config_args_reject_unknown_keys():
     bench_vit.get_config("nosuch=1")
 
 
-def test_train_two_steps_with_reducer(tmp_path):
-  import train
-  from configs import fmnist_vit
-  if not os.path.exists(fmnist_vit.DATA):
-    pytest.skip("../shared/data/fashion_mnist.npz is not beside the checkout")
-  summary = train.train_and_evaluate(fmnist_vit.get_config("runlocal,reduce=tome:r=4"), str(tmp_path))
-  assert summary["steps"] == 2 and 0.0 <= summary["test_accuracy"] <= 1.0
-  assert (tmp_path / "summary.json").exists()
-
-
 def test_eval_bench_cli(tmp_path):
   """The README's main job, as a user runs it, on a tiny setting."""
   out = subprocess.run(

@@ -30,14 +30,17 @@ STATS = {"fashion_mnist": ((0.2860,), (0.3530,)), "mnist": ((0.1307,), (0.3081,)
 class ArraySource(grain.RandomAccessDataSource):
   """In-memory images [N, H, W(, C)] uint8 and labels [N] as a random-access source of {"image", "label"}."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "arrays"):
     images = np.asarray(images)
     if images.ndim == 3:
       images = images[..., None]
     if images.ndim != 4 or len(images) != len(labels):
       raise ValueError(f"ArraySource: images {images.shape} must be [N, H, W(, C)] with N = len(labels) = "
                        f"{len(labels)}")
-    self.images, self.labels = images, np.asarray(labels).astype(np.int32)
+    self.images, self.labels, self.name = images, np.asarray(labels).astype(np.int32), name
+
+  def __repr__(self) -> str:  # grain checks it when a data iterator is restored: stable across runs
+    return f"ArraySource({self.name}, n={len(self)}, image={self.images.shape[1:]})"
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -52,6 +55,10 @@ class TfdsSource(grain.RandomAccessDataSource):
   def __init__(self, name: str, split: str, data_dir: str | None = None, download: bool = False):
     import tensorflow_datasets as tfds  # imported lazily: accelerator hosts may not have it
     self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    self.name = f"{name}:{split}"
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name}, n={len(self)})"
 
   def __len__(self) -> int:
     return len(self.source)
@@ -70,7 +77,7 @@ def load_npz(path: str, split: str) -> ArraySource:
     keys = (f"{split}_images", f"{split}_labels")
     if any(k not in f.files for k in keys):
       raise ValueError(f"{path!r} has no split {split!r}: expected keys {keys}, found {sorted(f.files)}")
-    return ArraySource(f[keys[0]], f[keys[1]])
+    return ArraySource(f[keys[0]], f[keys[1]], name=f"{os.path.basename(path)}:{split}")
 
 
 def get_source(spec: str, split: str, data_dir: str | None = None) -> grain.RandomAccessDataSource:
