@@ -1,19 +1,23 @@
 r"""Evaluation entry point (big_vision style): `python eval.py --mode=MODE --config configs/x.py:arg --workdir DIR`.
 
 Modes:
-  bench   time dense vs reduced ViTs (tokcomp.bench); writes bench.json and bench.md to the workdir.
+  eval    accuracy of the latest checkpoint in DIR/ckpt on the config's test split -> DIR/eval.json
+  sweep   that checkpoint under every reducer in `config.sweep`, training-free -> DIR/sweep.{json,md,png}
+  bench   time dense vs reduced ViTs on random weights (tokcomp.bench) -> DIR/bench.{json,md}
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                           lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/eval", "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "bench", ["bench"], "What to run.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/eval", "Where checkpoints are read and outputs written.")
+_MODE = flags.DEFINE_enum("mode", "eval", ["eval", "sweep", "bench"], "What to run.")
 
 
 def run_bench(config, workdir: str) -> dict:
@@ -28,12 +32,48 @@ def run_bench(config, workdir: str) -> dict:
   return payload
 
 
+def _trained(config, workdir: str):
+  from tokcomp import data, evaluation
+  from tokcomp.models import vit
+  params, step = evaluation.restore_params(workdir)
+  model = vit.ViT(**config.model)
+  source = data.get_source(config.data.source, config.data.test_split)
+  mean, std = data.stats_for(config.data.source)
+  return model, params, step, source, mean, std
+
+
+def run_eval(config, workdir: str) -> dict:
+  from tokcomp import evaluation
+  model, params, step, source, mean, std = _trained(config, workdir)
+  result = evaluation.accuracy(model.clone(reduce=config.get("reduce") or None), params, source,
+                               batch=config.eval_batch, mean=mean, std=std, limit=config.get("eval_limit", None))
+  result.update(step=step, reduce=config.get("reduce", ""), source=config.data.source)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  print(json.dumps(result))
+  return result
+
+
+def run_sweep(config, workdir: str) -> dict:
+  from tokcomp import evaluation
+  model, params, step, source, mean, std = _trained(config, workdir)
+  specs = [s for s in config.sweep.split(";") if s.strip()]
+  rows = evaluation.sweep(model, params, source, specs, batch=config.eval_batch, mean=mean, std=std,
+                          limit=config.get("eval_limit", None), runs=config.get("sweep_runs", 10))
+  title = (f"ViT (width {config.model['width']}, depth {config.model['depth']}, patch "
+           f"{config.model['patch_size'][0]}) on {config.data.source} test, checkpoint step {step}")
+  payload = evaluation.write_sweep(rows, workdir, title)
+  with open(os.path.join(workdir, "sweep.md")) as f:
+    print(f.read())
+  return payload
+
+
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     sys.exit("eval.py: --config is required, e.g. --config configs/bench_vit.py")
-  if _MODE.value == "bench":
-    run_bench(_CONFIG.value, _WORKDIR.value)
+  {"bench": run_bench, "eval": run_eval, "sweep": run_sweep}[_MODE.value](_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ evaluation. The work is in `train_and_evaluate(config, workdir)`, which tests an
   (`jax.make_array_from_process_local_data` builds the global batch).
 - Optimiser: optax AdamW, linear warmup + cosine decay, global-norm clipping, label smoothing, optional mixup,
   optional bf16 compute (params and optimiser state stay fp32).
-- Any registered reducer can be trained in (`config.reduce`, e.g. "tome:r=8" or "evit:keep=0.7,layers=3-6-9").
+- Any registered reducer can be trained in (`config.reduce`, e.g. "tome:r=8" or "evit:keep=0.7,layers=3-6-9"), or
+  switched in stages (`config.reduce_schedule`, e.g. EViT's keep rate annealed; one compile per stage).
 - Orbax `CheckpointManager` in `workdir/ckpt`: keeps `config.keep_ckpts`, saves every `config.ckpt_every` steps
   and at the end, and resumes the model, optimiser and data iterator from the latest step.
 - Logs: `workdir/metrics.jsonl` (loss, lr, img/s, tokens per layer) and a progress line on stdout.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -32,7 +34,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from tokcomp import data
+from tokcomp import data, evaluation
 from tokcomp.models import vit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=False)
@@ -44,6 +46,34 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+# --- reduction stages ---------------------------------------------------------------------------------------
+
+def reduce_stages(config) -> list[tuple[int, str | None]]:
+  """[(first step, reducer spec)], from `config.reduce` (one stage) or `config.reduce_schedule`, whose entries
+  "spec@step" are joined by '|': "evit:keep=0.9,layers=3-6-9@0|evit:keep=0.7,layers=3-6-9@3000" anneals EViT's
+  keep rate in stages. Each stage has static token counts, so it compiles once."""
+  sched = config.get("reduce_schedule", "")
+  if not sched:
+    return [(1, config.get("reduce") or None)]
+  stages = []
+  for entry in sched.split("|"):
+    spec, at, step = entry.strip().rpartition("@")
+    if not at or not step.strip().isdigit():
+      raise ValueError(f"config.reduce_schedule entry {entry!r}: must be 'spec@step', e.g. 'tome:r=8@1000'")
+    stages.append((max(1, int(step)), spec.strip() or None))
+  if [s for s, _ in stages] != sorted(s for s, _ in stages):
+    raise ValueError(f"config.reduce_schedule={sched!r}: steps must increase")
+  return stages
+
+
+def stage_at(stages, step: int) -> str | None:
+  current = stages[0][1]
+  for start, spec in stages:
+    if step >= start:
+      current = spec
+  return current
 
 
 # --- mesh and sharding -----------------------------------------------------------------------------------------
@@ -83,6 +113,8 @@ def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(config)
+  if config.batch % mesh.size:
+    raise ValueError(f"config.batch={config.batch}: must be divisible by the {mesh.size} devices of the mesh")
 
   # Input.
   train_src = data.get_source(config.data.source, config.data.train_split)
@@ -95,9 +127,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Model.
   dtype = jnp.dtype(config.get("dtype", "float32"))
-  model = vit.ViT(**config.model, reduce=config.reduce or None, dtype=dtype)
-  _, counts = model.plan(image_hw)
-  tokens_per_layer = [c.n_mlp for c in counts]
+  stages = reduce_stages(config)
+  model = vit.ViT(**config.model, reduce=stages[-1][1], dtype=dtype)  # the final stage is what is evaluated
+  models = {spec: model.clone(reduce=spec) for _, spec in stages}
+  tokens = {spec: [c.n_mlp for c in m.plan(image_hw)[1]] for spec, m in models.items()}  # also checks every spec
   num_classes = config.model["num_classes"]
 
   # Optimiser.
@@ -118,7 +151,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
 
   # Step.
-  def train_step(state: TrainState, batch, rng):
+  def train_step(state: TrainState, batch, rng, model):
     def loss_fn(params):
       images = batch["image"].astype(dtype)
       labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), config.label_smoothing)
@@ -133,8 +166,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-  step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, NamedSharding(mesh, P())),
-                    out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
+  step_fns = {spec: jax.jit(functools.partial(train_step, model=m),  # one compile per reduction stage
+                            in_shardings=(state_sharding, batch_sharding, NamedSharding(mesh, P())),
+                            out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
+              for spec, m in models.items()}
 
   # Checkpoints: resume model, optimiser and data position from the latest step.
   ckpt = ocp.CheckpointManager(
@@ -158,7 +193,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_log, n_log, loss = time.perf_counter(), 0, float("nan")
   for step in range(start + 1, config.steps + 1):
     batch = global_batch(mesh, {k: v for k, v in next(it).items() if k in ("image", "label")})
-    state, m = step_fn(state, batch, jax.random.fold_in(rng, step))
+    spec = stage_at(stages, step)
+    state, m = step_fns[spec](state, batch, jax.random.fold_in(rng, step))
     n_log += config.batch
     if step % config.log_every == 0 or step == config.steps:
       loss = float(m["loss"])  # the only host sync in the loop, once per log interval
@@ -166,7 +202,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise FloatingPointError(f"loss is {loss} at step {step}")
       dt = time.perf_counter() - t_log
       row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(lr(step)),
-             "img_per_s": n_log / dt, "tokens_per_layer": tokens_per_layer}
+             "img_per_s": n_log / dt, "reduce": spec or "", "tokens_per_layer": tokens[spec]}
       with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
       print(f"[{step}/{config.steps}] loss {loss:.4f}  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s", flush=True)
@@ -177,28 +213,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.wait_until_finished()
 
   # Evaluation.
-  summary = evaluate(model, state.params, test_src, mean, std, config, mesh)
-  summary.update(steps=int(state.step), final_loss=loss, reduce=config.reduce, tokens_per_layer=tokens_per_layer,
+  acc = evaluation.accuracy(model, state.params, test_src, batch=config.get("eval_batch", config.batch), mean=mean,
+                            std=std, limit=config.get("eval_limit", None))
+  summary = {"test_accuracy": acc["accuracy"], "test_examples": acc["examples"]}
+  summary.update(steps=int(state.step), final_loss=loss, reduce=stages[-1][1] or "", tokens_per_layer=tokens[stages[-1][1]],
                  gflops=model.flops(image_hw, in_channels) / 1e9)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary), flush=True)
   return summary
-
-
-def evaluate(model, params, source, mean, std, config, mesh) -> dict:
-  """Top-1 accuracy over a split (every example once; padded last batch masked out)."""
-  @jax.jit
-  def correct(p, images, labels, mask):
-    pred = jnp.argmax(model.apply(p, images)[0], -1)
-    return jnp.sum((pred == labels) & mask)
-
-  hits, total = 0, 0
-  for b in data.eval_batches(source, batch=config.get("eval_batch", config.batch), mean=mean, std=std,
-                             limit=config.get("eval_limit", None)):
-    hits += int(correct(params, b["image"], b["label"], b["mask"]))
-    total += int(b["mask"].sum())
-  return {"test_accuracy": hits / total, "test_examples": total}
 
 
 def main(argv):

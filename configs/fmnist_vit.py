@@ -8,6 +8,8 @@ Fashion-MNIST subset by default, or on the full shared copy / tfds with `source=
   python train.py --config configs/fmnist_vit.py:source=npz:../shared/data/fashion_mnist.npz --workdir workdirs/fm_full
   python train.py --config configs/fmnist_vit.py:reduce=tome:r=8 --workdir workdirs/fmnist_tome   # ToMe trained in
   python train.py --config configs/fmnist_vit.py:runlocal --workdir /tmp/smoke                      # 2 steps, seconds
+  python eval.py --mode=eval --config configs/fmnist_vit.py --workdir workdirs/fmnist                # test accuracy
+  python eval.py --mode=sweep --config configs/fmnist_vit.py --workdir workdirs/fmnist               # reducer sweep
 
 Args after the colon: source (embedded:fashion_mnist | npz:PATH | tfds:fashion_mnist), reduce (''), steps (2000),
 batch (128), lr (1e-3), dtype (float32 | bfloat16), mesh_fsdp (1), runlocal (tiny model, 2 steps).
@@ -31,8 +33,14 @@ def get_config(arg: str | None = None):
   c.ckpt_every = 500       # orbax saves every this many steps, and at the end
   c.keep_ckpts = 2
   c.eval_batch = 500
+  # eval.py --mode=sweep: the training-free reducers and strengths to evaluate the trained checkpoint under.
+  c.sweep = ";".join([f"tome:r={r}" for r in (4, 8, 12, 16, 20, 24)]
+                     + [f"evit:keep={k},layers=1-3" for k in (0.9, 0.8, 0.7, 0.6, 0.5)]
+                     + [f"topk:keep={k},layers=1-3" for k in (0.7, 0.5)]
+                     + [f"random:keep={k},layers=1-3" for k in (0.7, 0.5)])
   if c.runlocal:  # seconds on a CPU: a 2-layer width-32 model, 2 steps, 256 test images
     c.model = dict(num_classes=10, patch_size=(4, 4), width=32, depth=2, mlp_dim=64, num_heads=2)
     c.steps, c.batch, c.warmup_steps, c.log_every, c.ckpt_every = 2, 16, 1, 1, 1
     c.eval_batch, c.eval_limit = 128, 256
+    c.sweep, c.sweep_runs = "tome:r=4;evit:keep=0.7,layers=1", 2
   return c

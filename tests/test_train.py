@@ -58,6 +58,11 @@ for fsdp in (1, 2):
   c = fmnist_vit.get_config("runlocal,reduce=evit:keep=0.7,layers=1,mesh_fsdp=%d" % fsdp)
   c.steps, c.lr, c.model["width"], c.model["mlp_dim"] = 5, 1e-2, 64, 128  # FSDP splits some kernels
   out[fsdp] = train.train_and_evaluate(c, sys.argv[2] + "/fsdp%d" % fsdp)["final_loss"]
+c.batch = 12  # not a multiple of 8 devices
+try:
+  train.train_and_evaluate(c, sys.argv[2] + "/bad")
+except ValueError as e:
+  out["bad_batch"] = str(e)
 print(json.dumps(out))
 """
 
@@ -73,3 +78,37 @@ def test_sharded_training_matches_single_device(tmp_path):
   one = train.train_and_evaluate(c, str(tmp_path / "one"))["final_loss"]
   assert abs(one - np.log(10)) > 1e-3, "the loss must have moved for this comparison to mean anything"
   np.testing.assert_allclose([eight["1"], eight["2"]], [one, one], rtol=1e-4)
+  assert "config.batch=12: must be divisible by the 8 devices" in eight["bad_batch"]
+
+
+def test_staged_reduction_schedule(tmp_path):
+  c = config(3)
+  c.reduce_schedule = "evit:keep=0.9,layers=1@0|evit:keep=0.7,layers=1@2|tome:r=4@3"
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(l) for l in f]
+  assert [r["reduce"] for r in rows] == ["evit:keep=0.9,layers=1", "evit:keep=0.7,layers=1", "tome:r=4"]
+  assert [r["tokens_per_layer"] for r in rows] == [[50, 47], [50, 37], [46, 42]]  # 1 + ceil(.9·49) + fused
+  assert summary["reduce"] == "tome:r=4"
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(reduce="nosuch:r=1"), ValueError, "unknown reducer 'nosuch'"),
+    (dict(reduce="tome:r=-1"), ValueError, "r at layer 0"),
+    (dict(source="npz:/no/such/data.npz"), FileNotFoundError, "/no/such/data.npz"),
+    (dict(source="hub:fashion_mnist"), ValueError, "must start with"),
+])
+def test_bad_configs_are_clear_errors(tmp_path, change, error, match):
+  c = config(1)
+  if "source" in change:
+    c.data["source"] = change.pop("source")
+  c.update(change)
+  with pytest.raises(error, match=match):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_bad_reduce_schedule(tmp_path):
+  c = config(1)
+  c.reduce_schedule = "tome:r=4"
+  with pytest.raises(ValueError, match="must be 'spec@step'"):
+    train.train_and_evaluate(c, str(tmp_path))

@@ -65,6 +65,38 @@ def xla_flops(compiled) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
+@dataclasses.dataclass
+class Timing:
+  compiled: Any
+  compile_s: float
+  times: list[float]
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.times)
+
+
+def time_models(models: dict[str, vit.ViT], params, images: jax.Array, *, warmup: int = 3, runs: int = 30,
+                log=print) -> dict[str, Timing]:
+  """Compiles each model's forward once, warms it up, then times `runs` calls of each, interleaved round-robin
+  so that drift in machine speed is shared by all models. Returns {name: Timing}."""
+  out = {}
+  for name, model in models.items():
+    fn = jax.jit(lambda p, x, m=model: m.apply(p, x)[0])
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, images).compile()
+    out[name] = Timing(compiled, time.perf_counter() - t0, [])
+    for _ in range(warmup):
+      jax.block_until_ready(compiled(params, images))
+    log(f"compiled {name}: {out[name].compile_s:.1f}s")
+  for _ in range(runs):
+    for t in out.values():
+      t0 = time.perf_counter()
+      jax.block_until_ready(t.compiled(params, images))
+      t.times.append(time.perf_counter() - t0)
+  return out
+
+
 def bench_vit(variant: str, reducers: Sequence[str], *, batch: int = 8, image_size: int = 224,
               num_classes: int = 1000, dtype: str = "float32", warmup: int = 3, runs: int = 30,
               seed: int = 0, attn_impl: str | None = None, log=print) -> list[Row]:
@@ -74,40 +106,24 @@ def bench_vit(variant: str, reducers: Sequence[str], *, batch: int = 8, image_si
   images = jax.random.normal(jax.random.key(seed), (batch, image_size, image_size, 3), jdtype)
   dense = vit.make(variant, num_classes=num_classes, dtype=jdtype, attn_impl=attn_impl)
   params = jax.jit(dense.init)(jax.random.key(seed), images[:1])
-
-  entries = []
-  for spec in specs:
-    model = dataclasses.replace(dense, reduce=None if spec == "dense" else spec)
-    _, counts = model.plan((image_size, image_size))
-    fn = jax.jit(lambda p, x, m=model: m.apply(p, x)[0])
-    t0 = time.perf_counter()
-    compiled = fn.lower(params, images).compile()
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-      jax.block_until_ready(compiled(params, images))
-    entries.append(dict(spec=spec, model=model, counts=counts, compiled=compiled, compile_s=compile_s, times=[]))
-    log(f"compiled {variant} {spec}: {compile_s:.1f}s")
-
-  for _ in range(runs):  # round-robin, so drift in machine speed is shared by all rows
-    for e in entries:
-      t0 = time.perf_counter()
-      jax.block_until_ready(e["compiled"](params, images))
-      e["times"].append(time.perf_counter() - t0)
+  models = {spec: dense.clone(reduce=None if spec == "dense" else spec) for spec in specs}
+  timings = time_models(models, params, images, warmup=warmup, runs=runs, log=log)
 
   rows = []
   base_flops = base_ips = None
-  for e in entries:
-    model, counts = e["model"], e["counts"]
+  for spec, model in models.items():
+    t = timings[spec]
+    _, counts = model.plan((image_size, image_size))
     flops = model.flops((image_size, image_size))
-    ips = batch / statistics.median(e["times"])
+    ips = batch / t.median_s
     if base_flops is None:
       base_flops, base_ips = flops, ips
     ratio, speed = base_flops / flops, ips / base_ips
-    rows.append(Row(model=f"ViT-{variant}", reducer=e["spec"], batch=batch, image_size=image_size, dtype=dtype,
+    rows.append(Row(model=f"ViT-{variant}", reducer=spec, batch=batch, image_size=image_size, dtype=dtype,
                     tokens_per_layer=[c.n_mlp for c in counts], gflops=flops / 1e9,
-                    xla_gflops=xla_flops(e["compiled"]) / batch / 1e9, flop_ratio=ratio, img_s=ips,
-                    speedup=speed, speedup_over_flop_ratio=speed / ratio, compile_s=e["compile_s"], runs=runs))
-    log(f"{variant:6s} {e['spec']:28s} {ips:8.1f} img/s  x{speed:.2f} (FLOP ratio {ratio:.2f})")
+                    xla_gflops=xla_flops(t.compiled) / batch / 1e9, flop_ratio=ratio, img_s=ips,
+                    speedup=speed, speedup_over_flop_ratio=speed / ratio, compile_s=t.compile_s, runs=runs))
+    log(f"{variant:6s} {spec:28s} {ips:8.1f} img/s  x{speed:.2f} (FLOP ratio {ratio:.2f})")
   return rows
 
 

@@ -1,0 +1,125 @@
+"""Evaluation: accuracy on a split, trained params from a workdir, and the training-free reducer sweep.
+
+The sweep takes one trained checkpoint and evaluates it under many reducers and strengths with no retraining:
+accuracy on the split, analytic GFLOPs, and img/s of the jitted forward (timed as `bench.time_models`: compiled
+once, warmed up, interleaved, median). It writes a table (JSON + markdown) and a plot of accuracy against
+GFLOPs and against img/s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokcomp import bench, data
+from tokcomp.models import vit
+
+
+def accuracy(model: vit.ViT, params, source, *, batch: int, mean=(0.5,), std=(0.5,),
+             limit: int | None = None) -> dict[str, float]:
+  """Top-1 accuracy over a split: every example once; the padded last batch is masked out."""
+  @jax.jit
+  def correct(p, images, labels, mask):
+    pred = jnp.argmax(model.apply(p, images)[0], -1)
+    return jnp.sum((pred == labels) & mask)
+
+  hits, total = 0, 0
+  for b in data.eval_batches(source, batch=batch, mean=mean, std=std, limit=limit):
+    hits += int(correct(params, b["image"], b["label"], b["mask"]))
+    total += int(b["mask"].sum())
+  return {"accuracy": hits / total, "examples": total}
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
+  """The model params of the latest (or given) orbax checkpoint that train.py wrote in `workdir/ckpt`."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(os.path.join(workdir, "ckpt"))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoints in {path!r}: train first (python train.py --workdir {workdir})")
+  mngr = ocp.CheckpointManager(path, item_names=("state", "data"))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint steps in {path!r}")
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return jax.tree_util.tree_map(jnp.asarray, restored["state"]["params"]), step
+
+
+@dataclasses.dataclass
+class SweepRow:
+  reducer: str
+  accuracy: float
+  gflops: float
+  flop_ratio: float
+  img_s: float
+  speedup: float
+  tokens_per_layer: list[int]
+
+
+def sweep(model: vit.ViT, params, source, specs: Sequence[str], *, batch: int, mean=(0.5,), std=(0.5,),
+          limit: int | None = None, runs: int = 10, warmup: int = 2, log=print) -> list[SweepRow]:
+  """Evaluates `model` (dense weights) under every reducer spec, training-free. The first row is dense."""
+  specs = ["dense"] + [s for s in specs if s not in ("dense", "none", "")]
+  image_hw = tuple(np.asarray(source[0]["image"]).shape[:2])
+  channels = np.asarray(source[0]["image"]).reshape(*image_hw, -1).shape[-1]
+  models = {s: model.clone(reduce=None if s == "dense" else s) for s in specs}
+  timing_batch = next(data.eval_batches(source, batch=batch, mean=mean, std=std))["image"]
+  timings = bench.time_models(models, params, jnp.asarray(timing_batch), warmup=warmup, runs=runs, log=log)
+  rows = []
+  for s, m in models.items():
+    acc = accuracy(m, params, source, batch=batch, mean=mean, std=std, limit=limit)["accuracy"]
+    _, counts = m.plan(image_hw)
+    rows.append(SweepRow(reducer=s, accuracy=acc, gflops=m.flops(image_hw, channels) / 1e9, flop_ratio=0.0,
+                         img_s=batch / timings[s].median_s, speedup=0.0, tokens_per_layer=[c.n_mlp for c in counts]))
+    log(f"{s:32s} acc {acc:.4f}  {rows[-1].gflops:.3f} GFLOPs  {rows[-1].img_s:.0f} img/s")
+  for r in rows:
+    r.flop_ratio, r.speedup = rows[0].gflops / r.gflops, r.img_s / rows[0].img_s
+  return rows
+
+
+def write_sweep(rows: Sequence[SweepRow], workdir: str, title: str, name: str = "sweep") -> dict:
+  """`<name>.json`, `<name>.md` and `<name>.png` (accuracy vs GFLOPs and vs img/s) in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  device, date = bench.device_name(), datetime.date.today().isoformat()
+  payload = {"title": title, "device": device, "date": date, "jax": jax.__version__,
+             "rows": [dataclasses.asdict(r) for r in rows]}
+  with open(os.path.join(workdir, name + ".json"), "w") as f:
+    json.dump(payload, f, indent=1)
+  md = (f"{title}\n\nDevice: {device}. Date: {date}. JAX {jax.__version__}. Training-free: one checkpoint, "
+        f"reducers applied at evaluation.\n\n| reducer | accuracy | GFLOPs | FLOP ratio | img/s | speedup | "
+        f"tokens after each block |\n|---|---|---|---|---|---|---|\n")
+  md += "".join(f"| {r.reducer} | {100 * r.accuracy:.2f} % | {r.gflops:.3f} | {r.flop_ratio:.2f} | {r.img_s:.0f} | "
+                f"{r.speedup:.2f} | {'-'.join(map(str, r.tokens_per_layer))} |\n" for r in rows)
+  with open(os.path.join(workdir, name + ".md"), "w") as f:
+    f.write(md)
+  plot_sweep(rows, os.path.join(workdir, name + ".png"), f"{title}\n{device}, {date}")
+  return payload
+
+
+def plot_sweep(rows: Sequence[SweepRow], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  families: dict[str, list[SweepRow]] = {}
+  for r in rows[1:]:
+    families.setdefault(r.reducer.split(":")[0], []).append(r)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, key, label in ((axes[0], "gflops", "GFLOPs per image"), (axes[1], "img_s", "img/s")):
+    for fam, rs in sorted(families.items()):
+      rs = sorted(rs, key=lambda r: getattr(r, key))
+      ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], "o-", label=fam, ms=4)
+    ax.plot([getattr(rows[0], key)], [100 * rows[0].accuracy], "k*", ms=12, label="dense")
+    ax.set_xlabel(label)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
