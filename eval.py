@@ -46,7 +46,8 @@ def run_eval(config, workdir: str) -> dict:
   from tokcomp import evaluation
   model, params, step, source, mean, std = _trained(config, workdir)
   result = evaluation.accuracy(model.clone(reduce=config.get("reduce") or None), params, source,
-                               batch=config.eval_batch, mean=mean, std=std, limit=config.get("eval_limit", None))
+                               batch=config.eval_batch, mean=mean, std=std, limit=config.get("eval_limit", None),
+                               image_size=config.data.get("image_size", None))
   result.update(step=step, reduce=config.get("reduce", ""), source=config.data.source)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -59,7 +60,8 @@ def run_sweep(config, workdir: str) -> dict:
   model, params, step, source, mean, std = _trained(config, workdir)
   specs = [s for s in config.sweep.split(";") if s.strip()]
   rows = evaluation.sweep(model, params, source, specs, batch=config.eval_batch, mean=mean, std=std,
-                          limit=config.get("eval_limit", None), runs=config.get("sweep_runs", 10))
+                          limit=config.get("eval_limit", None), image_size=config.data.get("image_size", None),
+                          runs=config.get("sweep_runs", 10))
   title = (f"ViT (width {config.model['width']}, depth {config.model['depth']}, patch "
            f"{config.model['patch_size'][0]}) on {config.data.source} test, checkpoint step {step}")
   payload = evaluation.write_sweep(rows, workdir, title)

@@ -120,10 +120,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_src = data.get_source(config.data.source, config.data.train_split)
   test_src = data.get_source(config.data.source, config.data.test_split)
   mean, std = data.stats_for(config.data.source)
-  loader = data.train_loader(train_src, global_batch=config.batch, seed=config.seed, crop_pad=config.data.crop_pad,
-                             flip=config.data.flip, mean=mean, std=std)
-  image_hw = tuple(np.asarray(train_src[0]["image"]).shape[:2])
-  in_channels = int(np.asarray(train_src[0]["image"]).reshape(*image_hw, -1).shape[-1])
+  image_size = config.data.get("image_size", None)  # None: the source's own (fixed) size
+  loader = data.train_loader(train_src, global_batch=config.batch, seed=config.seed, image_size=image_size,
+                             inception_crop=config.data.get("inception_crop", False),
+                             crop_pad=config.data.get("crop_pad", 0), flip=config.data.get("flip", False),
+                             mean=mean, std=std, worker_count=config.data.get("workers", 0))
+  first = np.asarray(train_src[0]["image"])
+  image_hw = (image_size, image_size) if image_size else first.shape[:2]
+  in_channels = first.shape[-1] if first.ndim == 3 else 1
 
   # Model.
   dtype = jnp.dtype(config.get("dtype", "float32"))
@@ -134,7 +138,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_classes = config.model["num_classes"]
 
   # Optimiser.
-  lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps, config.steps,
+  decay_steps = max(config.steps, config.warmup_steps + 1)  # optax needs at least one step past warmup
+  lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps, decay_steps,
                                           end_value=config.lr * config.get("lr_end_factor", 0.0))
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
                    optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=config.weight_decay))
@@ -214,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Evaluation.
   acc = evaluation.accuracy(model, state.params, test_src, batch=config.get("eval_batch", config.batch), mean=mean,
-                            std=std, limit=config.get("eval_limit", None))
+                            std=std, limit=config.get("eval_limit", None), image_size=image_size)
   summary = {"test_accuracy": acc["accuracy"], "test_examples": acc["examples"]}
   summary.update(steps=int(state.step), final_loss=loss, reduce=stages[-1][1] or "", tokens_per_layer=tokens[stages[-1][1]],
                  gflops=model.flops(image_hw, in_channels) / 1e9)

@@ -112,3 +112,15 @@ def test_bad_reduce_schedule(tmp_path):
   c.reduce_schedule = "tome:r=4"
   with pytest.raises(ValueError, match="must be 'spec@step'"):
     train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_imagenet_config_one_step_on_mock_data(tmp_path):
+  """configs/imagenet_vit_s16.py as written (ViT-S/16 at 224, inception crop, mixup), one step on tfds mock data."""
+  import tensorflow_datasets as tfds
+  from configs import imagenet_vit_s16
+  c = imagenet_vit_s16.get_config("batch=2,dtype=float32,workers=0")
+  c.steps, c.warmup_steps, c.log_every, c.ckpt_every, c.eval_batch, c.eval_limit = 1, 1, 1, 1, 2, 2
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["steps"] == 1 and summary["test_examples"] == 2 and np.isfinite(summary["final_loss"])
+  assert summary["tokens_per_layer"] == [197] * 12

@@ -133,6 +133,50 @@ class RandomCropFlip(grain.RandomMapTransform):
     return {**element, "image": np.ascontiguousarray(x)}
 
 
+def _resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+  from PIL import Image  # Pillow ships with matplotlib
+  img = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).resize((w, h), Image.BILINEAR)
+  out = np.asarray(img)
+  return out[..., None] if out.ndim == 2 else out
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionCrop(grain.RandomMapTransform):
+  """Random-resized crop (Szegedy et al. 2015; the ImageNet ViT/DeiT recipe): a crop of area in `area` x image
+  and aspect ratio in `ratio` (log-uniform), resized to size x size. Applied to uint8 images."""
+  size: int
+  area: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    x = element["image"]
+    h, w = x.shape[:2]
+    for _ in range(10):
+      target = h * w * rng.uniform(*self.area)
+      aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+      cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+      if 0 < cw <= w and 0 < ch <= h:
+        i, j = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        return {**element, "image": _resize(x[i:i + ch, j:j + cw], self.size, self.size)}
+    return {**element, "image": ResizeCenterCrop(self.size).map(element)["image"]}  # fallback: center crop
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeCenterCrop(grain.MapTransform):
+  """Resize the short side to size / crop_fraction, then take the central size x size (eval, uint8 images)."""
+  size: int
+  crop_fraction: float = 0.875
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    x = element["image"]
+    h, w = x.shape[:2]
+    short = int(round(self.size / self.crop_fraction))
+    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    x = _resize(x, nh, nw)
+    i, j = (nh - self.size) // 2, (nw - self.size) // 2
+    return {**element, "image": x[i:i + self.size, j:j + self.size]}
+
+
 def local_batch_size(global_batch: int) -> int:
   n = jax.process_count()
   if global_batch <= 0 or global_batch % n:
@@ -140,13 +184,20 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
-def train_loader(source, *, global_batch: int, seed: int = 0, crop_pad: int = 0, flip: bool = False,
+def train_loader(source, *, global_batch: int, seed: int = 0, image_size: int | None = None,
+                 inception_crop: bool = False, crop_pad: int = 0, flip: bool = False,
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), worker_count: int = 0,
                  shard_options: grain.ShardOptions | None = None) -> grain.DataLoader:
-  """An endless, seeded, shuffled loader of this host's shard, in full batches of global_batch / hosts."""
+  """An endless, seeded, shuffled loader of this host's shard, in full batches of global_batch / hosts.
+
+  image_size: resize to a square (inception crop when `inception_crop`, else resize + center crop); None keeps
+  the source's size (which must then be fixed)."""
   sampler = grain.IndexSampler(num_records=len(source), shuffle=True, seed=seed, num_epochs=None,
                                shard_options=shard_options or grain.ShardByJaxProcess(drop_remainder=True))
-  ops = [Normalize(tuple(mean), tuple(std))]
+  ops = []
+  if image_size:
+    ops.append(InceptionCrop(image_size) if inception_crop else ResizeCenterCrop(image_size))
+  ops.append(Normalize(tuple(mean), tuple(std)))
   if crop_pad or flip:
     ops.append(RandomCropFlip(crop_pad, flip))
   ops.append(grain.Batch(local_batch_size(global_batch), drop_remainder=True))
@@ -154,12 +205,14 @@ def train_loader(source, *, global_batch: int, seed: int = 0, crop_pad: int = 0,
 
 
 def eval_batches(source, *, batch: int, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
-                 limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 limit: int | None = None, image_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Every example once, in order, in batches of a static size; the last is padded, with `mask` false there."""
   n = len(source) if limit is None else min(limit, len(source))
   norm = Normalize(tuple(mean), tuple(std))
+  crop = ResizeCenterCrop(image_size) if image_size else None
+  prep = (lambda e: norm.map(crop.map(e))) if crop else norm.map
   for start in range(0, n, batch):
-    items = [norm.map(source[i]) for i in range(start, min(start + batch, n))]
+    items = [prep(source[i]) for i in range(start, min(start + batch, n))]
     valid = len(items)
     items += [items[-1]] * (batch - valid)
     yield {"image": np.stack([e["image"] for e in items]), "label": np.stack([e["label"] for e in items]),

@@ -22,7 +22,7 @@ from tokcomp.models import vit
 
 
 def accuracy(model: vit.ViT, params, source, *, batch: int, mean=(0.5,), std=(0.5,),
-             limit: int | None = None) -> dict[str, float]:
+             limit: int | None = None, image_size: int | None = None) -> dict[str, float]:
   """Top-1 accuracy over a split: every example once; the padded last batch is masked out."""
   @jax.jit
   def correct(p, images, labels, mask):
@@ -30,7 +30,7 @@ def accuracy(model: vit.ViT, params, source, *, batch: int, mean=(0.5,), std=(0.
     return jnp.sum((pred == labels) & mask)
 
   hits, total = 0, 0
-  for b in data.eval_batches(source, batch=batch, mean=mean, std=std, limit=limit):
+  for b in data.eval_batches(source, batch=batch, mean=mean, std=std, limit=limit, image_size=image_size):
     hits += int(correct(params, b["image"], b["label"], b["mask"]))
     total += int(b["mask"].sum())
   return {"accuracy": hits / total, "examples": total}
@@ -62,17 +62,18 @@ class SweepRow:
 
 
 def sweep(model: vit.ViT, params, source, specs: Sequence[str], *, batch: int, mean=(0.5,), std=(0.5,),
-          limit: int | None = None, runs: int = 10, warmup: int = 2, log=print) -> list[SweepRow]:
+          limit: int | None = None, image_size: int | None = None, runs: int = 10, warmup: int = 2,
+          log=print) -> list[SweepRow]:
   """Evaluates `model` (dense weights) under every reducer spec, training-free. The first row is dense."""
   specs = ["dense"] + [s for s in specs if s not in ("dense", "none", "")]
-  image_hw = tuple(np.asarray(source[0]["image"]).shape[:2])
-  channels = np.asarray(source[0]["image"]).reshape(*image_hw, -1).shape[-1]
   models = {s: model.clone(reduce=None if s == "dense" else s) for s in specs}
-  timing_batch = next(data.eval_batches(source, batch=batch, mean=mean, std=std))["image"]
+  timing_batch = next(data.eval_batches(source, batch=batch, mean=mean, std=std, image_size=image_size))["image"]
+  image_hw, channels = timing_batch.shape[1:3], timing_batch.shape[3]
   timings = bench.time_models(models, params, jnp.asarray(timing_batch), warmup=warmup, runs=runs, log=log)
   rows = []
   for s, m in models.items():
-    acc = accuracy(m, params, source, batch=batch, mean=mean, std=std, limit=limit)["accuracy"]
+    acc = accuracy(m, params, source, batch=batch, mean=mean, std=std, limit=limit,
+                   image_size=image_size)["accuracy"]
     _, counts = m.plan(image_hw)
     rows.append(SweepRow(reducer=s, accuracy=acc, gflops=m.flops(image_hw, channels) / 1e9, flop_ratio=0.0,
                          img_s=batch / timings[s].median_s, speedup=0.0, tokens_per_layer=[c.n_mlp for c in counts]))
