@@ -14,7 +14,8 @@ evaluation. The work is in `train_and_evaluate(config, workdir)`, which tests an
   switched in stages (`config.reduce_schedule`, e.g. EViT's keep rate annealed; one compile per stage).
 - Orbax `CheckpointManager` in `workdir/ckpt`: keeps `config.keep_ckpts`, saves every `config.ckpt_every` steps
   and at the end, and resumes the model, optimiser and data iterator from the latest step.
-- Logs: `workdir/metrics.jsonl` (loss, lr, img/s, tokens per layer) and a progress line on stdout.
+- Logs: `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb` (loss, lr, img/s, tokens per layer), and
+  a progress line on stdout.
 """
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ import os
 import time
 from typing import Any
 
+import grain.python as grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tensorboardX
 from absl import app, flags, logging
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -188,12 +191,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     restored = ckpt.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)),
-        data=data.grain.PyGrainCheckpointRestore(it)))
+        data=grain.PyGrainCheckpointRestore(it)))
     state = restored["state"]
     print(f"resumed from step {start} in {workdir}", flush=True)
 
   # Loop.
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
   rng = jax.random.key(config.seed + 1)
   t_log, n_log, loss = time.perf_counter(), 0, float("nan")
   for step in range(start + 1, config.steps + 1):
@@ -208,13 +212,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
       dt = time.perf_counter() - t_log
       row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(lr(step)),
              "img_per_s": n_log / dt, "reduce": spec or "", "tokens_per_layer": tokens[spec]}
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      if writer is not None:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
+        for key in ("loss", "grad_norm", "lr", "img_per_s"):
+          writer.add_scalar(f"train/{key}", row[key], step)
+        writer.add_scalar("train/mean_tokens", float(np.mean(row["tokens_per_layer"])), step)
+        writer.flush()
       print(f"[{step}/{config.steps}] loss {loss:.4f}  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s", flush=True)
       t_log, n_log = time.perf_counter(), 0
     if ckpt.should_save(step) or step == config.steps:
       ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                              data=data.grain.PyGrainCheckpointSave(it)), force=step == config.steps)
+                                              data=grain.PyGrainCheckpointSave(it)), force=step == config.steps)
   ckpt.wait_until_finished()
 
   # Evaluation.

@@ -30,6 +30,7 @@ def test_two_steps_with_reducer(tmp_path):
   assert summary["steps"] == 2 and summary["tokens_per_layer"] == [46, 42]
   assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_examples"] == 256
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
 
 
 def test_resume_continues_exactly(tmp_path):
