@@ -105,15 +105,16 @@ class Tokens:
     One batched scatter-add per field; no loop over the merged tokens.
     """
     b = self.batch
-    weight = self.size if weight is None else weight
-    weight = jnp.where(self.mask, weight, 0.0)
+    by_size = weight is None
+    size_in = jnp.where(self.mask, self.size, 0.0)
+    weight = size_in if by_size else jnp.where(self.mask, weight, 0.0)
     dest = dest.astype(jnp.int32)
     tgt = jnp.where(dest < 0, num_out, dest)  # out-of-range rows are dropped by mode="drop"
     acc = lambda vals, shape, dt: batched_scatter(jnp.zeros(shape, dt), tgt, vals, "add", mode="drop")
     x = acc(weight[..., None].astype(self.x.dtype) * self.x, (b, num_out, self.x.shape[-1]), self.x.dtype)
-    size = acc(jnp.where(self.mask, self.size, 0.0), (b, num_out), self.size.dtype)
+    size = acc(size_in, (b, num_out), self.size.dtype)
     if normalize:
-      wsum = acc(weight, (b, num_out), weight.dtype)
+      wsum = size if by_size else acc(weight, (b, num_out), weight.dtype)
       x = x / jnp.where(wsum > 0, wsum, 1.0)[..., None].astype(x.dtype)
     count = acc(self.mask.astype(jnp.int32), (b, num_out), jnp.int32)
     return self.replace(x=x, size=size, mask=count > 0, index=_compose(self.index, dest), grid=None)
