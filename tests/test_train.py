@@ -125,3 +125,10 @@ def test_imagenet_config_one_step_on_mock_data(tmp_path):
     summary = train.train_and_evaluate(c, str(tmp_path))
   assert summary["steps"] == 1 and summary["test_examples"] == 2 and np.isfinite(summary["final_loss"])
   assert summary["tokens_per_layer"] == [197] * 12
+
+
+def test_bf16_compute_trains(tmp_path):
+  c = config(3, dtype="bfloat16", reduce="tome:r=4")
+  c.lr = 1e-2
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert np.isfinite(summary["final_loss"]) and abs(summary["final_loss"] - np.log(10)) > 1e-3
