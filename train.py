@@ -194,6 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         data=grain.PyGrainCheckpointRestore(it)))
     state = restored["state"]
     print(f"resumed from step {start} in {workdir}", flush=True)
+    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
   # Loop.
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -236,6 +237,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary), flush=True)
   return summary
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """After a resume, drop the log rows past the restored step: they are about to be logged again."""
+  if jax.process_index() or not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(rows)
 
 
 def main(argv):
