@@ -32,14 +32,6 @@ class Signals:
   value_norm: jax.Array | None = None
 
 
-def key_bias_and_mask(mask: jax.Array, size: jax.Array | None, prop_attn: bool):
-  """[B, N] key validity and sizes -> the additive bias (log size, or None) and the boolean key mask."""
-  bias = None
-  if prop_attn and size is not None:
-    bias = jnp.where(mask, jnp.log(jnp.maximum(size, 1e-6)), 0.0).astype(jnp.float32)
-  return bias, mask
-
-
 def masked_softmax(logits: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
   """Softmax in fp32 over `axis`; masked entries get 0, and a fully masked row gives all zeros (not NaN)."""
   logits = logits.astype(jnp.float32)

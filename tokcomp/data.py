@@ -17,7 +17,6 @@ from typing import Any, Iterator, Sequence
 
 import grain.python as grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 EMBEDDED = {"fashion_mnist": os.path.join(os.path.dirname(__file__), "assets", "fashion_mnist_small.npz")}
@@ -226,7 +225,3 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float) ->
     return images, labels
   lam = jax.random.beta(rng, alpha, alpha)
   return lam * images + (1 - lam) * images[::-1], lam * labels + (1 - lam) * labels[::-1]
-
-
-def as_jax(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return {k: jnp.asarray(v) for k, v in batch.items()}

@@ -12,7 +12,6 @@ state, whose `index` maps every original token to its slot.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -234,7 +233,3 @@ class ViT(nn.Module):
 def make(variant: str | None = None, **kwargs) -> ViT:
   """ViT from a variant string plus overrides: `make("S/16", num_classes=10, reduce="tome:r=13")`."""
   return ViT(**{**decode_variant(variant), **kwargs})
-
-
-def num_params(params) -> int:
-  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
