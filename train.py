@@ -157,6 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state_sharding = param_sharding(mesh, abstract)
   state_sharding = state_sharding.replace(step=NamedSharding(mesh, P()))
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
+  init_from = config.get("init_from", "")
 
   # Step.
   def train_step(state: TrainState, batch, rng, model):
@@ -195,6 +196,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = restored["state"]
     print(f"resumed from step {start} in {workdir}", flush=True)
     _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+  elif init_from:  # fine-tune: weights from another run, fresh optimiser, step 0
+    params, kept_fresh = load_init(init_from, state.params)
+    params = jax.device_put(params, state_sharding.params)
+    state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                    out_shardings=state_sharding)(params)
+    print(f"initialised from {init_from}" + (f"; kept fresh: {kept_fresh}" if kept_fresh else ""), flush=True)
 
   # Loop.
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -237,6 +244,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary), flush=True)
   return summary
+
+
+def load_init(path: str, fresh):
+  """Params for `config.init_from`: a train.py workdir (its latest checkpoint) or a timm / big_vision file."""
+  from tokcomp import checkpoints
+  if os.path.isdir(os.path.join(path, "ckpt")):
+    loaded, _ = evaluation.restore_params(path)
+  elif os.path.isfile(path):
+    _, loaded = checkpoints.load(path)
+  else:
+    raise FileNotFoundError(f"config.init_from={path!r}: neither a train.py workdir (with ckpt/) nor a "
+                            ".npz/.safetensors checkpoint file")
+  return checkpoints.common.overlay(fresh, loaded)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:

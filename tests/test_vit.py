@@ -91,12 +91,17 @@ def test_cls_attention_signal_matches_full_softmax():
   mask = jnp.ones((2, 9), bool)
   params = attn.init(jax.random.key(1), x, mask)
   bias = jnp.log(jnp.arange(1, 10, dtype=jnp.float32))[None].repeat(2, 0)
-  _, sig = attn.apply(params, x, mask, bias, signals=("cls_attn",))
+  y, sig = attn.apply(params, x, mask, bias, signals=("cls_attn", "attn"))
   p = params["params"]
   q = jnp.einsum("bnd,dhk->bnhk", x, p["query"]["kernel"]) + p["query"]["bias"]
   k = jnp.einsum("bnd,dhk->bnhk", x, p["key"]["kernel"]) + p["key"]["bias"]
   full = jax.nn.softmax(jnp.einsum("bqhk,bnhk->bhqn", q, k) / np.sqrt(8) + bias[:, None, None], axis=-1)
   assert_close(sig.cls_attn, full[:, :, 0], rtol=1e-5, atol=1e-6)
+  assert_close(sig.attn, full, rtol=1e-5, atol=1e-6)
+  # The "attn" signal is the matrix the fused kernel used: attn @ v through the output projection gives y.
+  v = jnp.einsum("bnd,dhk->bnhk", x, p["value"]["kernel"]) + p["value"]["bias"]
+  y_ref = jnp.einsum("bhqn,bnhk,hkd->bqd", sig.attn, v, p["out"]["kernel"]) + p["out"]["bias"]
+  assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("hw,match", [((30, 56), "multiple of"), ((4, 4), "multiple of")])

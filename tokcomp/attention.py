@@ -6,6 +6,9 @@ N x N score matrix never needs to leave the fused kernel. What reducers need is 
   cls_attn     [B, H, N]   softmax(q_0 k^T / sqrt(d) + bias) : the attention row of token 0, an O(N D) product
   keys_mean    [B, N, d]   keys averaged over heads (ToMe's matching metric, Bolya et al. 2023 §3)
   value_norm   [B, H, N]   ||v_n|| per head (ATS significance, Fayyaz et al. 2022 eq. 4)
+  attn         [B, H, N, N] the full attention probabilities (fp32). An O(N^2) side product outside the fused
+                            kernel: only for methods that need whole columns (MCTF, GTP-ViT); avoid when a row
+                            or a mean will do.
 
 Parameter names follow big_vision / flax `MultiHeadDotProductAttention` (query/key/value/out, DenseGeneral
 layout [D, H, d] and [H, d, D]), so big_vision checkpoints map one to one.
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-SIGNALS = ("cls_attn", "keys_mean", "value_norm")
+SIGNALS = ("cls_attn", "keys_mean", "value_norm", "attn")
 Implementation = Literal["xla", "cudnn"] | None
 
 
@@ -30,6 +33,7 @@ class Signals:
   cls_attn: jax.Array | None = None
   keys_mean: jax.Array | None = None
   value_norm: jax.Array | None = None
+  attn: jax.Array | None = None
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
@@ -80,6 +84,12 @@ class Attention(nn.Module):
       out["keys_mean"] = jnp.mean(k.astype(jnp.float32), axis=2)  # [B, N, d]
     if "value_norm" in signals:
       out["value_norm"] = jnp.linalg.norm(v.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, N]
+    if "attn" in signals:
+      scale = 1.0 / math.sqrt(head_dim)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+      if bias is not None:
+        logits = logits + bias[:, None, None, :]
+      out["attn"] = masked_softmax(logits, key_mask)  # [B, H, N, N]
     unknown = set(signals) - set(SIGNALS)
     if unknown:
       raise ValueError(f"Attention signals={sorted(unknown)} unknown; valid: {SIGNALS}")

@@ -93,3 +93,21 @@ def check_against_model(model: vit.ViT, params: Mapping[str, Any], image_size: t
                      + (f"\n  missing: {missing}" if missing else "")
                      + (f"\n  unexpected: {extra}" if extra else "")
                      + "".join(f"\n  shape {b}" for b in bad))
+
+
+def overlay(fresh: Mapping[str, Any], loaded: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  """Fine-tuning init: `fresh` params with every leaf that `loaded` also has replaced by the loaded value.
+
+  Returns (params, names kept fresh). Leaves only in `fresh` (a new reducer's or head's weights) keep their
+  initialisation; a leaf only in `loaded`, or one whose shape differs, is an error that names it.
+  """
+  new = traverse_util.flatten_dict(dict(fresh), sep="/")
+  old = traverse_util.flatten_dict(dict(loaded), sep="/")
+  extra = sorted(set(old) - set(new))
+  bad = [f"{k}: loaded {np.shape(old[k])} vs model {np.shape(new[k])}"
+         for k in sorted(set(old) & set(new)) if np.shape(old[k]) != np.shape(new[k])]
+  if extra or bad:
+    raise ValueError("init_from does not fit the model:" + (f"\n  not in the model: {extra}" if extra else "")
+                     + "".join(f"\n  shape {b}" for b in bad))
+  merged = {k: jnp.asarray(old[k], dtype=jnp.asarray(v).dtype) if k in old else v for k, v in new.items()}
+  return traverse_util.unflatten_dict(merged, sep="/"), sorted(set(new) - set(old))

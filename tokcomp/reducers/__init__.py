@@ -115,5 +115,12 @@ def check_args(method: str, args: dict[str, Any], allowed: dict[str, Any]) -> di
   return {**allowed, **args}
 
 
-# Importing the method modules registers them.
-from tokcomp.reducers import avgpool, evit, random_drop, tome, topk  # noqa: E402,F401
+def _import_methods() -> None:
+  """Imports every module in this package; each method module registers itself (one method per file)."""
+  import importlib
+  import pkgutil
+  for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_methods()
