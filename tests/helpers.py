@@ -32,9 +32,9 @@ def tokens_and_signals(batch=3, n=37, d=16, heads=2, protected=1, seed=0):
   k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(k1, (batch, n, d))
   tokens = Tokens.create(x, protected)
-  cls_attn = jax.nn.softmax(3 * jax.random.normal(k2, (batch, heads, n)), axis=-1)
-  signals = Signals(cls_attn=cls_attn, keys_mean=jax.random.normal(k3, (batch, n, d)),
-                    value_norm=jnp.abs(jax.random.normal(k4, (batch, heads, n))))
+  attn = jax.nn.softmax(3 * jax.random.normal(k2, (batch, heads, n, n)), axis=-1)  # [B, H, N, N]
+  signals = Signals(cls_attn=attn[:, :, 0], keys_mean=jax.random.normal(k3, (batch, n, d)),
+                    value_norm=jnp.abs(jax.random.normal(k4, (batch, heads, n))), attn=attn)
   return tokens, signals
 
 

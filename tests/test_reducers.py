@@ -20,9 +20,7 @@ def example_step(name, depth=4):
 
 def example_tokens(name, seed, batch=3):
   tokens, signals = tokens_and_signals(batch=batch, n=37, protected=1, seed=seed)
-  if name == "avgpool":
-    tokens = tokens.replace(grid=(6, 6))
-  return tokens, signals
+  return tokens.replace(grid=(6, 6)), signals  # CLS + a 6 x 6 patch grid, as fresh from the embedding
 
 
 @pytest.mark.parametrize("name", reducers.names())
