@@ -60,7 +60,7 @@ def test_reducer_rows_are_independent(name):
   for b in range(tokens.batch):
     sl = lambda t: jax.tree_util.tree_map(lambda a: a[b:b + 1], t)
     one = reducers.apply(step, sl(tokens), sl(signals))
-    if name == "random":  # the draw is per batch position, so compare against its own row only in shape
+    if name in ("random", "tome_random"):  # the draw is per batch position: compare the shape only
       assert one.x.shape[1] == out.x.shape[1]
       continue
     assert_close(one.x[0], out.x[b], err_msg=f"{name} row {b}")
