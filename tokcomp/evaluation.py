@@ -22,17 +22,23 @@ from tokcomp.models import vit
 
 def accuracy(model: vit.ViT, params, source, *, batch: int, mean=(0.5,), std=(0.5,),
              limit: int | None = None, image_size: int | None = None) -> dict[str, float]:
-  """Top-1 accuracy over a split: every example once; the padded last batch is masked out."""
+  """Top-1 accuracy over a split: every example once; the padded last batch is masked out.
+
+  Also `valid_tokens`: the mean number of valid slots after the last block. It equals the static count except
+  for methods with a capacity plus a validity mask (ATS), where it is their effective count.
+  """
   @jax.jit
   def correct(p, images, labels, mask):
-    pred = jnp.argmax(model.apply(p, images)[0], -1)
-    return jnp.sum((pred == labels) & mask)
+    logits, aux = model.apply(p, images)
+    valid = jnp.sum(aux["tokens"].mask, axis=1)
+    return jnp.sum((jnp.argmax(logits, -1) == labels) & mask), jnp.sum(jnp.where(mask, valid, 0))
 
-  hits, total = 0, 0
+  hits, total, valid = 0, 0, 0
   for b in data.eval_batches(source, batch=batch, mean=mean, std=std, limit=limit, image_size=image_size):
-    hits += int(correct(params, b["image"], b["label"], b["mask"]))
+    h, v = correct(params, b["image"], b["label"], b["mask"])
+    hits, valid = hits + int(h), valid + int(v)
     total += int(b["mask"].sum())
-  return {"accuracy": hits / total, "examples": total}
+  return {"accuracy": hits / total, "examples": total, "valid_tokens": valid / total}
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
@@ -58,6 +64,7 @@ class SweepRow:
   img_s: float
   speedup: float
   tokens_per_layer: list[int]
+  valid_tokens: float = 0.0  # mean valid slots after the last block (< the static count only for masked methods)
 
 
 def sweep(model: vit.ViT, params, source, specs: Sequence[str], *, batch: int, mean=(0.5,), std=(0.5,),
@@ -71,30 +78,67 @@ def sweep(model: vit.ViT, params, source, specs: Sequence[str], *, batch: int, m
   timings = bench.time_models(models, params, jnp.asarray(timing_batch), warmup=warmup, runs=runs, log=log)
   rows = []
   for s, m in models.items():
-    acc = accuracy(m, params, source, batch=batch, mean=mean, std=std, limit=limit,
-                   image_size=image_size)["accuracy"]
+    acc = accuracy(m, params, source, batch=batch, mean=mean, std=std, limit=limit, image_size=image_size)
     _, counts = m.plan(image_hw)
-    rows.append(SweepRow(reducer=s, accuracy=acc, gflops=m.flops(image_hw, channels) / 1e9, flop_ratio=0.0,
-                         img_s=batch / timings[s].median_s, speedup=0.0, tokens_per_layer=[c.n_mlp for c in counts]))
-    log(f"{s:32s} acc {acc:.4f}  {rows[-1].gflops:.3f} GFLOPs  {rows[-1].img_s:.0f} img/s")
+    rows.append(SweepRow(reducer=s, accuracy=acc["accuracy"], gflops=m.flops(image_hw, channels) / 1e9,
+                         flop_ratio=0.0, img_s=batch / timings[s].median_s, speedup=0.0,
+                         tokens_per_layer=[c.n_mlp for c in counts], valid_tokens=acc["valid_tokens"]))
+    log(f"{s:32s} acc {acc['accuracy']:.4f}  {rows[-1].gflops:.3f} GFLOPs  {rows[-1].img_s:.0f} img/s")
   for r in rows:
     r.flop_ratio, r.speedup = rows[0].gflops / r.gflops, r.img_s / rows[0].img_s
   return rows
 
 
-def write_sweep(rows: Sequence[SweepRow], workdir: str, title: str, name: str = "sweep") -> dict:
-  """`<name>.json`, `<name>.md` and `<name>.png` (accuracy vs GFLOPs and vs img/s) in `workdir`."""
+def family(spec: str) -> str:
+  return spec.split(":")[0]
+
+
+def best_at_flops(rows: Sequence[SweepRow], targets: Sequence[float]) -> dict[str, list[tuple[str, float]]]:
+  """{"50 %": [(method, accuracy), ...] best first} at each fraction of the dense GFLOPs (rows[0] is dense),
+  interpolated linearly between a method's two measured points around the fraction. Methods whose measured
+  FLOPs do not span it are left out (no extrapolation)."""
+  out = {}
+  for t in targets:
+    g = t * rows[0].gflops
+    ranking = []
+    for fam in sorted({family(r.reducer) for r in rows[1:]}):
+      pts = sorted((r.gflops, r.accuracy) for r in rows[1:] if family(r.reducer) == fam)
+      for (g0, a0), (g1, a1) in zip(pts, pts[1:]):
+        if g0 <= g <= g1:
+          ranking.append((fam, a0 if g1 == g0 else a0 + (a1 - a0) * (g - g0) / (g1 - g0)))
+          break
+    if ranking:
+      out[f"{100 * t:.0f} %"] = sorted(ranking, key=lambda fa: -fa[1])
+  return out
+
+
+def write_sweep(rows: Sequence[SweepRow], workdir: str, title: str, name: str = "sweep",
+                targets: Sequence[float] = (0.5, 0.7)) -> dict:
+  """`<name>.json`, `<name>.md` and `<name>.png` (accuracy vs GFLOPs and vs img/s) in `workdir`, plus which
+  method is best at each of `targets` (fractions of the dense FLOPs)."""
   os.makedirs(workdir, exist_ok=True)
   device, date = bench.device_name(), datetime.date.today().isoformat()
   payload = {"title": title, "device": device, "date": date, "jax": jax.__version__,
              "rows": [dataclasses.asdict(r) for r in rows]}
+  md = (f"{title}\n\nDevice: {device}. Date: {date}. JAX {jax.__version__}. Training-free: one checkpoint, "
+        f"reducers applied at evaluation. FLOP ratio = dense / reduced GFLOPs; valid = mean valid tokens after "
+        f"the last block (below the static count only for masked methods such as ATS).\n\n"
+        f"| reducer | accuracy | GFLOPs | FLOP ratio | img/s | speedup | tokens after each block | valid |\n"
+        f"|---|---|---|---|---|---|---|---|\n")
+  md += "".join(f"| {r.reducer} | {100 * r.accuracy:.2f} % | {r.gflops:.3f} | {r.flop_ratio:.2f} | {r.img_s:.0f} | "
+                f"{r.speedup:.2f} | {'-'.join(map(str, r.tokens_per_layer))} | {r.valid_tokens:.1f} |\n"
+                for r in rows)
+  best = best_at_flops(rows, targets)
+  payload["best_at_flops"] = best
+  if best:
+    md += ("\nAccuracy at a fraction of the dense FLOPs, interpolated linearly along each method's measured curve "
+           "(methods whose curve spans the fraction):\n\n| fraction of dense GFLOPs | best | accuracy | all |\n"
+           "|---|---|---|---|\n")
+    for frac, ranking in best.items():
+      cells = ", ".join(f"{m} {100 * a:.2f} %" for m, a in ranking)
+      md += f"| {frac} | {ranking[0][0]} | {100 * ranking[0][1]:.2f} % | {cells} |\n"
   with open(os.path.join(workdir, name + ".json"), "w") as f:
     json.dump(payload, f, indent=1)
-  md = (f"{title}\n\nDevice: {device}. Date: {date}. JAX {jax.__version__}. Training-free: one checkpoint, "
-        f"reducers applied at evaluation.\n\n| reducer | accuracy | GFLOPs | FLOP ratio | img/s | speedup | "
-        f"tokens after each block |\n|---|---|---|---|---|---|---|\n")
-  md += "".join(f"| {r.reducer} | {100 * r.accuracy:.2f} % | {r.gflops:.3f} | {r.flop_ratio:.2f} | {r.img_s:.0f} | "
-                f"{r.speedup:.2f} | {'-'.join(map(str, r.tokens_per_layer))} |\n" for r in rows)
   with open(os.path.join(workdir, name + ".md"), "w") as f:
     f.write(md)
   plot_sweep(rows, os.path.join(workdir, name + ".png"), f"{title}\n{device}, {date}")
@@ -108,17 +152,18 @@ def plot_sweep(rows: Sequence[SweepRow], path: str, title: str) -> None:
 
   families: dict[str, list[SweepRow]] = {}
   for r in rows[1:]:
-    families.setdefault(r.reducer.split(":")[0], []).append(r)
+    families.setdefault(family(r.reducer), []).append(r)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, key, label in ((axes[0], "gflops", "GFLOPs per image"), (axes[1], "img_s", "img/s")):
-    for fam, rs in sorted(families.items()):
+    for i, (fam, rs) in enumerate(sorted(families.items())):
       rs = sorted(rs, key=lambda r: getattr(r, key))
-      ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], "o-", label=fam, ms=4)
+      ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], "-", marker="osv^DPXh<>"[i % 10],
+              color=plt.get_cmap("tab20")(i % 20), label=fam, ms=4)
     ax.plot([getattr(rows[0], key)], [100 * rows[0].accuracy], "k*", ms=12, label="dense")
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
-  axes[0].legend()
+  axes[0].legend(fontsize=7, ncol=2)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
