@@ -33,3 +33,11 @@ def keep_with_prefix(tokens: Tokens, idx: jax.Array) -> jax.Array:
 def cls_attention_score(cls_attn: jax.Array) -> jax.Array:
   """EViT's attentiveness (Liang et al., ICLR 2022, eq. 3): the CLS attention row averaged over heads, [B, N]."""
   return jnp.mean(cls_attn, axis=1)
+
+
+def rank_reducible(tokens: Tokens, score: jax.Array) -> jax.Array:
+  """[B, N - P]: every reducible slot, ordered by `score` [B, N] best first (stable on ties); invalid slots
+  come last. For methods that keep the head of the ranking in rank order (GTP-ViT)."""
+  p = tokens.num_protected
+  s = jnp.where(tokens.mask[:, p:], score[:, p:].astype(jnp.float32), -jnp.inf)
+  return jnp.argsort(s, axis=1, descending=True, stable=True) + p
