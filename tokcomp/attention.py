@@ -9,6 +9,9 @@ N x N score matrix never needs to leave the fused kernel. What reducers need is 
   attn         [B, H, N, N] the full attention probabilities (fp32). An O(N^2) side product outside the fused
                             kernel: only for methods that need whole columns (MCTF, GTP-ViT); avoid when a row
                             or a mean will do.
+  encoder_input Tokens      the token state entering the encoder (patch + position embeddings, one slot per
+                            original token, grid set). Not computed here: the encoder hands it to a block's
+                            reducer that asks for it (GTP-ViT builds its semantic graph on these embeddings).
 
 Parameter names follow big_vision / flax `MultiHeadDotProductAttention` (query/key/value/out, DenseGeneral
 layout [D, H, d] and [H, d, D]), so big_vision checkpoints map one to one.
@@ -23,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from tokcomp.tokens import Tokens
+
 SIGNALS = ("cls_attn", "keys_mean", "value_norm", "attn")
 Implementation = Literal["xla", "cudnn"] | None
 
@@ -34,6 +39,7 @@ class Signals:
   keys_mean: jax.Array | None = None
   value_norm: jax.Array | None = None
   attn: jax.Array | None = None
+  encoder_input: Tokens | None = None  # filled by the encoder (models/vit.py), never by Attention
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
@@ -56,7 +62,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array | None = None,
-               signals: tuple[str, ...] = ()) -> tuple[jax.Array, Signals]:
+               signals: tuple[str, ...] = (), probs: jax.Array | None = None) -> tuple[jax.Array, Signals]:
+    """probs: attention probabilities [B, H, N, N] to apply to the values instead of softmax(QKᵀ/√d + bias)
+    (MCTF's fused one-step-ahead attention); the signals still come from Q and K."""
     b, n, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"Attention.num_heads={self.num_heads} must divide the width {width}")
@@ -70,7 +78,10 @@ class Attention(nn.Module):
     # An all-masked row must stay finite: give such rows one visible key (their own first slot).
     any_valid = jnp.any(mask, axis=1)
     key_mask = key_mask | (~any_valid[:, None, None, None] & (jnp.arange(n) == 0))
-    y = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=key_mask, implementation=self.implementation)
+    if probs is None:
+      y = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=key_mask, implementation=self.implementation)
+    else:
+      y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(jnp.float32), v.astype(jnp.float32)).astype(v.dtype)
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)  # [B, N, D]
 
     out = {}

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 class Step:
   method: str
   config: Any
-  slot: str = "mid"  # "mid": after attention, before the MLP (ToMe/EViT); "pre": before the block (DynamicViT)
+  slot: str = "mid"  # "mid": after attention, before the MLP (ToMe/EViT); "pre": before the block (DynamicViT);
+  # "ahead" / "post": before the block with its own attention / after the MLP (MCTF, see models/vit.py)
 
 
 Schedule = tuple  # tuple[Step | None, ...], one entry per block
@@ -102,6 +103,7 @@ def resolve(schedule: Schedule, n0: int, num_protected: int) -> tuple[Schedule, 
         n = method.out_count(step.config, n, num_protected)
     steps.append(step)
     counts.append(LayerCounts(n_attn=n_attn, n_mlp=n) if step is None or step.slot == "mid"
+                  else LayerCounts(n_attn=n_attn, n_mlp=n_attn) if step.slot == "post"  # reduces after the MLP
                   else LayerCounts(n_attn=n, n_mlp=n))
   return tuple(steps), tuple(counts)
 

@@ -62,7 +62,14 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN block: x += Attn(LN x); [mid reducer]; x += MLP(LN x). A "pre" reducer runs before it all."""
+  """Pre-LN block: x += Attn(LN x); [mid reducer]; x += MLP(LN x). A "pre" reducer runs before it all.
+
+  Two more slots for MCTF (Lee et al. 2024): "post" runs after the MLP with this block's attention signals;
+  "ahead" runs before the block with the signals of this block's own attention on the incoming tokens (the
+  attention "one step ahead"), called as `reduce(tokens, signals, config=..., fuse_attention=True)` and returning
+  (tokens, probs): the block then applies `probs` [B, H, N', N'] to the reduced tokens' values, or recomputes
+  its attention when probs is None.
+  """
   num_heads: int
   mlp_dim: int
   step: schedules.Step | None = None
@@ -71,22 +78,36 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: Tokens) -> Tokens:
+  def __call__(self, tokens: Tokens, encoder_input: Tokens | None = None) -> Tokens:
     step = self.step
+    ln0 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
+    attention = Attention(self.num_heads, implementation=self.attn_impl, dtype=self.dtype,
+                          name="MultiHeadDotProductAttention_0")
+    probs = None  # attention probabilities an "ahead" reducer hands back for this block to apply
     if step is not None and step.slot == "pre":
       tokens = reducers.apply(step, tokens, Signals())
+    elif step is not None and step.slot == "ahead":  # reads this block's own attention on the incoming tokens
+      bias = jnp.log(jnp.maximum(tokens.size, 1e-6)) if self.prop_attn else None
+      _, ahead = attention(ln0(tokens.x), tokens.mask, bias, signals=reducers.needed_signals(step))
+      tokens, probs = reducers.get(step.method).reduce(tokens, ahead, config=step.config, fuse_attention=True)
     mid = step if step is not None and step.slot == "mid" else None
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(tokens.x)
+    post = step if step is not None and step.slot == "post" else None
+    y = ln0(tokens.x)
     bias = jnp.log(jnp.maximum(tokens.size, 1e-6)) if self.prop_attn else None
-    y, signals = Attention(self.num_heads, implementation=self.attn_impl, dtype=self.dtype,
-                           name="MultiHeadDotProductAttention_0")(
-                               y, tokens.mask, bias, signals=reducers.needed_signals(mid))
+    wanted = reducers.needed_signals(mid or post)
+    y, signals = attention(y, tokens.mask, bias, signals=tuple(s for s in wanted if s != "encoder_input"),
+                           probs=probs)
+    if "encoder_input" in wanted:  # not an attention product: the encoder's input state, handed through
+      signals = signals.replace(encoder_input=encoder_input)
     tokens = tokens.replace(x=tokens.x + y)
     if mid is not None:
       tokens = reducers.apply(mid, tokens, signals)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_1")(tokens.x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
-    return tokens.replace(x=tokens.x + y)
+    tokens = tokens.replace(x=tokens.x + y)
+    if post is not None:
+      tokens = reducers.apply(post, tokens, signals)
+    return tokens
 
 
 class Encoder(nn.Module):
@@ -101,10 +122,14 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Tokens) -> Tokens:
     prop = False  # proportional attention starts in the block after the first merge that asks for it
+    encoder_input = tokens  # reducers that ask for "encoder_input" get this state (GTP-ViT's graph)
     for i in range(self.depth):
       step = self.steps[i] if self.steps else None
-      tokens = Encoder1DBlock(self.num_heads, self.mlp_dim, step=step, prop_attn=prop,
-                              attn_impl=self.attn_impl, dtype=self.dtype, name=f"encoderblock_{i}")(tokens)
+      # An "ahead" merge comes before this block's attention, so its proportional attention starts here.
+      ahead = step is not None and step.slot == "ahead" and reducers.get(step.method).prop_attn(step.config)
+      tokens = Encoder1DBlock(self.num_heads, self.mlp_dim, step=step, prop_attn=prop or ahead,
+                              attn_impl=self.attn_impl, dtype=self.dtype, name=f"encoderblock_{i}")(
+                                  tokens, encoder_input)
       prop = prop or (step is not None and reducers.get(step.method).prop_attn(step.config))
     if self.final_norm:
       tokens = tokens.replace(x=nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(tokens.x))
