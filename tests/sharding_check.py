@@ -29,7 +29,9 @@ from tokcomp import reducers, schedules  # noqa: E402
 from tokcomp.tokens import Tokens  # noqa: E402
 
 COLLECTIVES = ("all-gather", "all-to-all", "reduce-scatter", "all-reduce", "collective-permute")
-VIT_REDUCE = {"dense": None, "tome": "tome:r=4", "evit": "evit:keep=0.7,layers=1-2"}
+VIT_REDUCE = {"dense": None, "tome": "tome:r=4", "evit": "evit:keep=0.7,layers=1-2",
+              "mctf": "mctf:r=5,layers=1-2",  # the "ahead" slot: attention run twice, fused probs applied
+              "gtp": "gtp:num_prop=5,layers=1-2"}  # the encoder_input signal
 BATCH, N, GRID = 8, 37, (6, 6)
 
 
