@@ -34,10 +34,20 @@ def get_config(arg: str | None = None):
   c.ckpt_every = 500       # orbax saves every this many steps, and at the end
   c.keep_ckpts = 2
   c.eval_batch = 500
-  # eval.py --mode=sweep: the training-free reducers and strengths to evaluate the trained checkpoint under.
-  c.sweep = ";".join([f"tome:r={r}" for r in (4, 8, 12, 16, 20)]
-                     + [f"evit:keep={k},layers=1-3" for k in (0.9, 0.7, 0.5)]
-                     + ["topk:keep=0.7,layers=1-3", "random:keep=0.7,layers=1-3"])
+  # eval.py --mode=sweep: every training-free reducer at 2-4 strengths spanning ~45-85 % of the dense FLOPs.
+  c.sweep = ";".join(
+      [f"tome:r={r}" for r in (8, 16, 24, 32)]
+      + [f"tome_kth:k={k},layers={l}" for k, l in ((2, 3), (2, 2), (2, 1), (3, 1))]
+      + [f"tome_random:r={r}" for r in (16, 24, 32)]
+      + [f"{m}:keep={k},layers=1-3" for m in ("evit", "ats") for k in (0.9, 0.7, 0.5)]
+      + [f"{m}:keep={k},layers=1-3" for m in ("topk", "random", "transform") for k in (0.7, 0.5)]
+      + [f"mctf:r={r}" for r in (16, 24, 32, 40)]
+      + [f"gtp:num_prop={r}" for r in (16, 24, 32)]
+      + ["diffrate:merge=197-180-160-140-120-100", "diffrate:merge=197-170-140-110-90-70",
+         "diffrate:prune=197-180-140-100-70-50,merge=197-160-120-90-60-40",
+         "diffrate:prune=197-170-120-80-50-40,merge=197-140-100-60-40-30"]
+      + ["cluster:grid=10x10,layer=2", "cluster:grid=10x10,layer=1", "cluster:grid=7x7,layer=2"]
+      + ["avgpool:stride=2,layers=3", "avgpool:stride=2,layers=2"])
   if c.runlocal:  # seconds on a CPU: a 2-layer width-32 model, 2 steps, 256 test images
     c.model = dict(num_classes=10, patch_size=(4, 4), width=32, depth=2, mlp_dim=64, num_heads=2)
     c.steps, c.batch, c.warmup_steps, c.log_every, c.ckpt_every = 2, 16, 1, 1, 1
