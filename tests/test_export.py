@@ -23,14 +23,14 @@ assert not any(m.startswith("tokcomp") for m in sys.modules)
 """
 
 
-@pytest.mark.parametrize("spec", ["tome:r=4", "evit:keep=0.7,layers=1-2"])
-def test_symbolic_batch_artifact_runs_in_a_process_without_tokcomp(tmp_path, spec):
+def test_symbolic_batch_artifact_runs_in_a_process_without_tokcomp(tmp_path):
+  spec = "tome:r=4"
   model = tiny_vit(reduce=spec)
   params = random_params(model)
   art = export.export(model, params, image_shape=(56, 56, 3))
   path = art.save(tmp_path / "model.tcx")
   inputs = {}
-  for b in (1, 2, 5):  # one artifact, any batch size
+  for b in (1, 5):  # one artifact, any batch size
     x = np.asarray(jax.random.normal(jax.random.key(b), (b, 56, 56, 3)), np.float32)
     inputs[b] = str(tmp_path / f"x{b}.npy")
     np.save(inputs[b], x)
@@ -46,7 +46,7 @@ def test_symbolic_batch_artifact_runs_in_a_process_without_tokcomp(tmp_path, spe
 
 
 def test_fixed_batch_and_reload(tmp_path):
-  model = tiny_vit(reduce="tome:r=4")
+  model = tiny_vit(reduce="evit:keep=0.7,layers=1-2")
   params = random_params(model)
   art = export.load(export.export(model, params, image_shape=(56, 56, 3), batch=3).save(tmp_path / "m.tcx"))
   x = jax.random.normal(jax.random.key(0), (3, 56, 56, 3))

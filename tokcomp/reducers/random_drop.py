@@ -1,7 +1,8 @@
 """Random drop: keep k = ceil(ρ (N - P)) reducible tokens chosen uniformly at random, per example.
 
 The baseline that score-based pruning must beat (e.g. EViT, Liang et al. 2022, Table 7). The draw is fixed by
-`seed`, the block's token count and the token content, so it is deterministic and needs no RNG plumbing.
+`seed` and the block's token count (one draw per batch position), so it is deterministic and needs no RNG
+plumbing.
 Count: N -> P + k.  Order: prefix, then kept tokens in ascending slot order.
 """
 from __future__ import annotations
