@@ -66,4 +66,6 @@ def test_reducer_has_no_collectives(results, label):
 
 
 def test_sharding_check_is_fast(results):
-  assert results["_seconds"] < 90, f"sharding_check.py took {results['_seconds']:.0f} s (budget ~60 s)"
+  """A guard against blow-ups (a reducer that compiles for minutes), not a benchmark: alone on 2 idle cores the
+  check takes ~35 s (15 reducers + 5 ViTs, 2026-11-22); beside the other pytest worker it takes 2-4x that."""
+  assert results["_seconds"] < 300, f"sharding_check.py took {results['_seconds']:.0f} s (budget 300 s)"
