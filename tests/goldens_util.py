@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from tokcomp import checkpoints
+from tokcomp.models.vit import Encoder1DBlock
 
 HERE = os.path.dirname(__file__)
 
@@ -35,3 +36,14 @@ def assert_same_rows(ours, ref, rtol=1e-5, atol=1e-5, what=""):
   match = d.argmin(axis=1)
   assert len(set(match.tolist())) == len(match), f"{what}: rows do not match one to one"
   np.testing.assert_allclose(ours, ref[match], rtol=rtol, atol=atol, err_msg=what)
+
+
+def run_with_blocks(model, params, images):
+  """Jitted forward that also returns every block's output token state: (logits, aux, [Tokens per block])."""
+  import jax
+
+  def f(p, x):
+    return model.apply(p, x, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
+  (logits, aux), state = jax.jit(f)(params, images)
+  blocks = state["intermediates"]["Transformer"]
+  return logits, aux, [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(model.depth)]

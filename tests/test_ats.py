@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goldens_util import load, model_from_state, nhwc
+from goldens_util import load, model_from_state, nhwc, run_with_blocks
 from helpers import assert_close, tiny_vit, tokens_and_signals
 from tokcomp import reducers
 from tokcomp.attention import Signals
-from tokcomp.models.vit import Encoder1DBlock
 from tokcomp.ops import sample
 from tokcomp.reducers import ats
 
@@ -26,13 +25,6 @@ CASES = {
     "ats_cls26": "ats",  # default placement 3..depth-1 = block 3 at depth 4
 }
 
-
-def run_with_blocks(model, params, images):
-  def f(p, x):
-    return model.apply(p, x, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
-  (logits, aux), state = jax.jit(f)(params, images)
-  blocks = state["intermediates"]["Transformer"]
-  return logits, aux, [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(model.depth)]
 
 
 @pytest.mark.parametrize("name", list(CASES))

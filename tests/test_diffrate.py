@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goldens_util import load, model_from_state, nhwc
+from goldens_util import load, model_from_state, nhwc, run_with_blocks
 from helpers import assert_close, tokens_and_signals
 from tokcomp import reducers
 from tokcomp.models import vit
-from tokcomp.models.vit import Encoder1DBlock
 from tokcomp.reducers import diffrate
 
 HERE = os.path.dirname(__file__)
@@ -26,13 +25,6 @@ FIXTURE = os.path.join(HERE, "fixtures", "diffrate_compression_rate.json")
 
 
 # --- parity with the reference -----------------------------------------------------------------------------
-
-def run_with_blocks(model, params, images):
-  def f(p, x):
-    return model.apply(p, x, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
-  (logits, aux), state = jax.jit(f)(params, images)
-  blocks = state["intermediates"]["Transformer"]
-  return logits, aux, [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(model.depth)]
 
 
 def golden_input(g):

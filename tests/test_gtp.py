@@ -8,13 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goldens_util import HERE, model_from_state, nhwc
+from goldens_util import HERE, model_from_state, nhwc, run_with_blocks
 from helpers import assert_close, tokens_and_signals
 from tokcomp import reducers
-from tokcomp.attention import Signals
-from tokcomp.models.vit import Encoder1DBlock
 from tokcomp.ops import graph
-from tokcomp.reducers import gtp
 from tokcomp.tokens import Tokens
 
 CASES = ["gtp_mixed_scale_50", "gtp_spatial_list_50", "gtp_mean_cls_50", "gtp_none_cossim_50", "gtp_semantic_gap_49"]
@@ -29,13 +26,6 @@ def load_case(name):
   state = {k[len("param/"):]: p[k].astype(np.float32) for k in p.files if k.startswith("param/")}
   return config, state, {k: g[k] for k in g.files}
 
-
-def run_with_blocks(model, params, images):
-  def f(p, x):
-    return model.apply(p, x, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
-  (logits, aux), state = jax.jit(f)(params, images)
-  blocks = state["intermediates"]["Transformer"]
-  return logits, aux, [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(model.depth)]
 
 
 @pytest.mark.parametrize("name", CASES)

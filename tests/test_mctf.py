@@ -4,16 +4,14 @@ fused attention, the count rule, the block slots, and the errors."""
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goldens_util import nhwc
+from goldens_util import nhwc, run_with_blocks
 from helpers import assert_close, images, random_params, tiny_vit, tokens_and_signals
 from tokcomp import checkpoints, reducers
 from tokcomp.attention import Signals
-from tokcomp.models.vit import Encoder1DBlock
 from tokcomp.ops.scored_matching import scored_bipartite_matching
 from tokcomp.reducers import mctf
 
@@ -37,13 +35,6 @@ def spec_of(c):
           f"tau_sim={c['tau_sim']},tau_info={c['tau_info']},tau_size={c['tau_size']},"
           f"bidirection={bool(c['bidirection'])},pooling={c['pooling_type']},prop_attn={bool(c['prop_attn'])}")
 
-
-def run_with_blocks(model, params, x):
-  def f(p, x):
-    return model.apply(p, x, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
-  (logits, aux), state = jax.jit(f)(params, x)
-  blocks = state["intermediates"]["Transformer"]
-  return logits, aux, [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(model.depth)]
 
 
 @pytest.mark.parametrize("name", CASES)

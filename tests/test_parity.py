@@ -3,22 +3,12 @@
 The fixtures are made by tools/goldens/make_tome.py (facebookresearch/ToMe @ af95e4b on timm 1.0.31) and
 tools/goldens/make_evit.py (youweiliang/evit @ 5ca95a7); see tools/goldens/README.md.
 """
-import jax
 import numpy as np
 import pytest
 
-from goldens_util import assert_same_rows, load, model_from_state, nhwc
+from goldens_util import assert_same_rows, load, model_from_state, nhwc, run_with_blocks
 from helpers import assert_close
-from tokcomp.models.vit import Encoder1DBlock
 
-
-def run_with_blocks(model, params, images):
-  """Forward that also returns every block's output token state."""
-  def f(p, x):
-    return model.apply(p, x, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
-  (logits, aux), state = jax.jit(f)(params, images)
-  blocks = state["intermediates"]["Transformer"]
-  return logits, aux, [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(model.depth)]
 
 
 def tome_spec(config):
