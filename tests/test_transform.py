@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from goldens_util import run_with_blocks
 from helpers import assert_close, images, random_params, tiny_vit, tokens_and_signals
 from tokcomp import reducers
 from tokcomp.attention import Attention, Signals
-from tokcomp.models.vit import Encoder1DBlock, MlpBlock
+from tokcomp.models.vit import MlpBlock
 from tokcomp.ops.transform import dominant_slot, soft_reassign, transform_matrix
 from tokcomp.reducers import transform
 
@@ -89,13 +90,6 @@ def test_matches_loop_reference(n, protected, keep_rate, topk, tau, metric, mask
     np.testing.assert_array_equal(np.asarray(out.mask[b]), want_size > 0)
     np.testing.assert_array_equal(np.asarray(out.index[b]), dest)  # fresh state: original token == slot
 
-
-def run_with_blocks(model, params, x):
-  def f(p, v):
-    return model.apply(p, v, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
-  (logits, aux), state = jax.jit(f)(params, x)
-  blocks = state["intermediates"]["Transformer"]
-  return logits, aux, [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(model.depth)]
 
 
 def test_model_matches_reference_in_the_loop():
