@@ -12,6 +12,9 @@ evaluation. The work is in `train_and_evaluate(config, workdir)`, which tests an
   optional bf16 compute (params and optimiser state stay fp32).
 - Any registered reducer can be trained in (`config.reduce`, e.g. "tome:r=8" or "evit:keep=0.7,layers=3-6-9"), or
   switched in stages (`config.reduce_schedule`, e.g. EViT's keep rate annealed; one compile per stage).
+  Learned reducers (DynamicViT, ...) add their parameters to the model and the loss terms they sow into the
+  "losses" collection to the objective; `config.distill` adds DynamicViT-style distillation from a frozen dense
+  teacher (KL on the logits and MSE on the kept final tokens, Rao et al. 2021 eqs. 12-13).
 - Orbax `CheckpointManager` in `workdir/ckpt`: keeps `config.keep_ckpts`, saves every `config.ckpt_every` steps
   and at the end, and resumes the model, optimiser and data iterator from the latest step.
 - Logs: `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb` (loss, lr, img/s, tokens per layer), and
@@ -151,6 +154,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def init(rng):
     dummy = jnp.zeros((1, *image_hw, in_channels))
     params = model.clone(reduce=None).init(rng, dummy)
+    for m in models.values():  # learned reducers add their own parameters (the same rng: the ViT's agree)
+      params = merge_params(params, m.init(rng, dummy))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, jax.random.key(config.seed))
@@ -159,24 +164,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
   init_from = config.get("init_from", "")
 
+  # Distillation teacher: the dense model on frozen weights (the init_from run's, or another file/workdir).
+  distill = config.get("distill", None)
+  teacher, teacher_params, teacher_sharding = model.clone(reduce=None), None, None
+  if distill:
+    source = distill.get("teacher", "init")
+    source = init_from if source == "init" else source
+    if not source:
+      raise ValueError("config.distill.teacher='init' needs config.init_from (the dense model to distil from)")
+    t_abstract = jax.eval_shape(teacher.init, jax.random.key(0), jnp.zeros((1, *image_hw, in_channels)))
+    teacher_params, missing = load_init(source, jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
+                                                                      t_abstract))
+    if missing:
+      raise ValueError(f"config.distill.teacher={source!r} lacks parameters of the dense model: {missing[:5]}")
+    teacher_sharding = param_sharding(mesh, t_abstract)
+    teacher_params = jax.device_put(teacher_params, teacher_sharding)
+
   # Step.
-  def train_step(state: TrainState, batch, rng, model):
+  def train_step(state: TrainState, batch, rng, teacher_params, model):
+    rng_mix, rng_model = jax.random.split(rng)
+
     def loss_fn(params):
       images = batch["image"].astype(dtype)
       labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), config.label_smoothing)
-      images, labels = data.mixup(rng, images, labels, config.get("mixup", 0.0))
-      logits, _ = model.apply(params, images, train=True)
-      return optax.softmax_cross_entropy(logits, labels).mean()
+      images, labels = data.mixup(rng_mix, images, labels, config.get("mixup", 0.0))
+      (logits, aux), sown = model.apply(params, images, train=True, rngs={"gumbel": rng_model}, mutable=["losses"])
+      parts = {"ce": optax.softmax_cross_entropy(logits, labels).mean()}
+      parts["reducer"] = sum(jnp.sum(l) for l in jax.tree_util.tree_leaves(sown.get("losses", {})))
+      if distill:
+        t_logits, t_aux = teacher.apply(jax.lax.stop_gradient(teacher_params), images)
+        parts.update(distill_losses(distill, logits, aux["tokens"], t_logits, t_aux["tokens"]))
+      return sum(parts.values()), parts
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
-        "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        "loss": loss, "grad_norm": optax.tree.norm(grads), **{f"loss_{k}": v for k, v in parts.items()}}
 
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
   step_fns = {spec: jax.jit(functools.partial(train_step, model=m),  # one compile per reduction stage
-                            in_shardings=(state_sharding, batch_sharding, NamedSharding(mesh, P())),
+                            in_shardings=(state_sharding, batch_sharding, NamedSharding(mesh, P()),
+                                          teacher_sharding),
                             out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
               for spec, m in models.items()}
 
@@ -211,7 +240,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for step in range(start + 1, config.steps + 1):
     batch = global_batch(mesh, {k: v for k, v in next(it).items() if k in ("image", "label")})
     spec = stage_at(stages, step)
-    state, m = step_fns[spec](state, batch, jax.random.fold_in(rng, step))
+    state, m = step_fns[spec](state, batch, jax.random.fold_in(rng, step), teacher_params)
     n_log += config.batch
     if step % config.log_every == 0 or step == config.steps:
       loss = float(m["loss"])  # the only host sync in the loop, once per log interval
@@ -219,6 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise FloatingPointError(f"loss is {loss} at step {step}")
       dt = time.perf_counter() - t_log
       row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(lr(step)),
+             **{k: float(v) for k, v in m.items() if k.startswith("loss_")},
              "img_per_s": n_log / dt, "reduce": spec or "", "tokens_per_layer": tokens[spec]}
       if writer is not None:
         with open(metrics_path, "a") as f:
@@ -244,6 +274,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary), flush=True)
   return summary
+
+
+def merge_params(a, b):
+  """Union of two parameter trees (b adds what a lacks; shared leaves must agree in shape)."""
+  from flax import traverse_util
+  fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  for k in fa.keys() & fb.keys():
+    if fa[k].shape != fb[k].shape:
+      raise ValueError(f"parameter {'/'.join(k)}: shapes {fa[k].shape} and {fb[k].shape} differ between stages")
+  return traverse_util.unflatten_dict({**fb, **fa})
+
+
+def distill_losses(distill, logits, tokens, t_logits, t_tokens) -> dict:
+  """DynamicViT's distillation (Rao et al. 2021, eqs. 12-13; `DistillDiffPruningLoss_dynamic` with mse_token):
+  KL(teacher || student) on the logits (batch mean), and the MSE between the student's final tokens and the
+  teacher's over the tokens the student kept (its final policy > 0.5), both weighted."""
+  out = {}
+  w_logits, w_tokens = float(distill.get("logits", 0.5)), float(distill.get("tokens", 0.5))
+  if w_logits:
+    t_logp = jax.nn.log_softmax(t_logits.astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(logits.astype(jnp.float32))), axis=-1)
+    out["distill_logits"] = w_logits * jnp.mean(kl)
+  if w_tokens:
+    if tokens.n != t_tokens.n:
+      raise ValueError(f"config.distill.tokens={w_tokens}: token distillation needs the student at full length in "
+                       f"training (DynamicViT's policy), but it ends with {tokens.n} tokens and the teacher with "
+                       f"{t_tokens.n}; set config.distill.tokens=0")
+    p = tokens.num_protected
+    keep = (tokens.keep_weight()[:, p:] > 0.5).astype(jnp.float32)[..., None]
+    sq = (tokens.x[:, p:].astype(jnp.float32) - t_tokens.x[:, p:].astype(jnp.float32)) ** 2
+    n_kept = jnp.sum(keep) * sq.shape[-1]
+    out["distill_tokens"] = w_tokens * jnp.where(n_kept > 0, jnp.sum(keep * sq) / jnp.maximum(n_kept, 1), 0.0)
+  return out
 
 
 def load_init(path: str, fresh):

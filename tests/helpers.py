@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokcomp import reducers
 from tokcomp.attention import Signals
 from tokcomp.models import vit
 from tokcomp.tokens import Tokens
@@ -19,8 +20,9 @@ def tiny_vit(**kw) -> vit.ViT:
 def random_params(model, image_hw=(56, 56), seed=0, std=0.2):
   """Init, then perturb every parameter so that heads, scores and prefix tokens are non-trivial."""
   x = jnp.zeros((1, *image_hw, 3))
-  # Params do not depend on the reducers; init the dense twin under jit (eager init compiles op by op).
-  params = jax.jit(model.clone(reduce=None).init)(jax.random.key(seed), x)
+  # Under jit (eager init compiles op by op). Learned reducers add their parameters to the dense twin's.
+  learned = any(reducers.is_learned(st) for st in reducers.build_schedule(model.reduce, model.depth))
+  params = jax.jit((model if learned else model.clone(reduce=None)).init)(jax.random.key(seed), x)
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   leaves = [np.asarray(l) + std * np.asarray(jax.random.normal(k, l.shape)) for l, k in zip(leaves, keys)]
@@ -55,3 +57,12 @@ def count_compiles(fn):
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6, err_msg=""):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def apply_step(step, tokens, signals, seed=0):
+  """One reducer step at inference: a training-free `reduce`, or a learned module with parameters drawn from
+  `seed` (init runs inside, so the same seed gives the same module under jit, sharded or not)."""
+  if not reducers.is_learned(step):
+    return reducers.apply(step, tokens, signals)
+  module = reducers.module(step)
+  return module.apply(module.init(jax.random.key(seed), tokens, signals), tokens, signals)

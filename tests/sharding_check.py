@@ -31,7 +31,8 @@ from tokcomp.tokens import Tokens  # noqa: E402
 COLLECTIVES = ("all-gather", "all-to-all", "reduce-scatter", "all-reduce", "collective-permute")
 VIT_REDUCE = {"dense": None, "tome": "tome:r=4", "evit": "evit:keep=0.7,layers=1-2",
               "mctf": "mctf:r=5,layers=1-2",  # the "ahead" slot: attention run twice, fused probs applied
-              "gtp": "gtp:num_prop=5,layers=1-2"}  # the encoder_input signal
+              "gtp": "gtp:num_prop=5,layers=1-2",  # the encoder_input signal
+              "dynamicvit": "dynamicvit:keep=0.7,layers=1-2"}  # a learned reducer: its own parameters
 BATCH, N, GRID = 8, 37, (6, 6)
 
 
@@ -68,10 +69,12 @@ def main() -> None:
 
   # --- the whole model ---------------------------------------------------------------------------------------
   images = helpers.images(batch=BATCH, hw=(56, 56))
-  params = helpers.random_params(helpers.tiny_vit())  # reducers have no parameters: one init serves all
+  dense_params = helpers.random_params(helpers.tiny_vit())  # training-free reducers add no parameters
   for label, spec in VIT_REDUCE.items():
     t0 = time.perf_counter()
     model = helpers.tiny_vit(reduce=spec)
+    learned = any(reducers.is_learned(s) for s in reducers.build_schedule(spec, model.depth))
+    params = helpers.random_params(model) if learned else dense_params
     ref = jax.jit(model.apply)(params, images)
     sharded = jax.jit(model.apply, in_shardings=(repl, data), out_shardings=data)
     compiled = sharded.lower(params, images).compile()
@@ -89,7 +92,7 @@ def main() -> None:
     method = reducers.get(name)
     steps, _ = schedules.resolve(reducers.build_schedule(method.example, 4), N, tokens.num_protected)
     step = next(s for s in steps if s is not None)
-    fn = lambda t, s, step=step: reducers.apply(step, t, s)
+    fn = lambda t, s, step=step: helpers.apply_step(step, t, s)
     ref = jax.jit(fn)(tokens, signals)
     sharded = jax.jit(fn, in_shardings=(data, data), out_shardings=data)
     compiled = sharded.lower(tokens, signals).compile()

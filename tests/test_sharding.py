@@ -18,7 +18,7 @@ from tokcomp import reducers
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "sharding_check.py")
-VIT_CASES = ["dense", "tome", "evit", "mctf", "gtp"]  # keys of sharding_check.VIT_REDUCE
+VIT_CASES = ["dense", "tome", "evit", "mctf", "gtp", "dynamicvit"]  # keys of sharding_check.VIT_REDUCE
 
 @pytest.fixture(scope="module")
 def results():

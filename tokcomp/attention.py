@@ -53,6 +53,24 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None, axis: int = -1) ->
   return e / jnp.maximum(jnp.sum(e, axis=axis, keepdims=True), jnp.finfo(jnp.float32).tiny)
 
 
+def softmax_with_policy(logits: jax.Array, policy: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """DynamicViT's attention under a keep policy (Rao et al., NeurIPS 2021, arXiv:2106.02034, eq. 11), in fp32.
+
+    A_ij = (exp(l_ij - max_j l_ij) G_ij + eps/N) / (sum_j exp(l_ij - max_j l_ij) G_ij + eps),
+    G_ij = policy_j for j != i and 1 for j = i (a token always sees itself, so no row is empty).
+
+  logits [B, H, N, N]; policy [B, N] in [0, 1] (hard gumbel decisions carry their straight-through gradient
+  here). eps = 1e-6 as in the reference (`Attention.softmax_with_policy`).
+  """
+  n = logits.shape[-1]
+  logits = logits.astype(jnp.float32)
+  p = policy.astype(jnp.float32)[:, None, None, :]
+  eye = jnp.eye(n, dtype=jnp.float32)
+  g = p + (1.0 - p) * eye
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * g
+  return (e + eps / n) / (jnp.sum(e, axis=-1, keepdims=True) + eps)
+
+
 class Attention(nn.Module):
   """Pre-projected multi-head self-attention: x [B, N, D] -> ([B, N, D], Signals)."""
   num_heads: int
@@ -62,9 +80,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array | None = None,
-               signals: tuple[str, ...] = (), probs: jax.Array | None = None) -> tuple[jax.Array, Signals]:
+               signals: tuple[str, ...] = (), probs: jax.Array | None = None,
+               policy: jax.Array | None = None) -> tuple[jax.Array, Signals]:
     """probs: attention probabilities [B, H, N, N] to apply to the values instead of softmax(QKᵀ/√d + bias)
-    (MCTF's fused one-step-ahead attention); the signals still come from Q and K."""
+    (MCTF's fused one-step-ahead attention); the signals still come from Q and K.
+    policy: a training keep policy [B, N] (Tokens.policy): the attention becomes `softmax_with_policy` over the
+    explicit scores (an O(N^2) product, training only), with invalid keys folded into the policy."""
     b, n, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"Attention.num_heads={self.num_heads} must divide the width {width}")
@@ -78,6 +99,11 @@ class Attention(nn.Module):
     # An all-masked row must stay finite: give such rows one visible key (their own first slot).
     any_valid = jnp.any(mask, axis=1)
     key_mask = key_mask | (~any_valid[:, None, None, None] & (jnp.arange(n) == 0))
+    if policy is not None and probs is None:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(head_dim)
+      if bias is not None:
+        logits = logits + bias[:, None, None, :]
+      probs = softmax_with_policy(logits, policy * mask)
     if probs is None:
       y = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=key_mask, implementation=self.implementation)
     else:

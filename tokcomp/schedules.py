@@ -84,7 +84,8 @@ def parse_layers(layers: int | str | Sequence[int], depth: int, field: str = "la
 def resolve(schedule: Schedule, n0: int, num_protected: int) -> tuple[Schedule, tuple[LayerCounts, ...]]:
   """Resolves a schedule against the static token count: per-layer steps and token counts.
 
-  Each method's `resolve(config, n, protected)` may adapt its config to the count it meets (ToMe caps r at
+  Each method's `bind(config, n0, protected)` first sees the model's input count (DynamicViT's counts are
+  fractions of the initial patches); then its `resolve(config, n, protected)` may adapt its config to the count it meets (ToMe caps r at
   (N - protected) // 2, as ToMe does) or return None (nothing to do), and raises ValueError when impossible.
   """
   from tokcomp import reducers  # the registry sits above this module
@@ -95,7 +96,7 @@ def resolve(schedule: Schedule, n0: int, num_protected: int) -> tuple[Schedule, 
     if step is not None:
       method = reducers.get(step.method)
       try:
-        config = method.resolve(step.config, n, num_protected)
+        config = method.resolve(method.bind(step.config, n0, num_protected), n, num_protected)
       except ValueError as e:
         raise ValueError(f"{step.method} at block {layer}: {e}") from None
       step = None if config is None else dataclasses.replace(step, config=config)

@@ -7,6 +7,9 @@ axis from one Python int to another, and data-dependent counts use a static capa
   mask   [B, N]     valid slots (all true for fixed-count methods)
   size   [B, N]     how many original tokens each slot stands for (ToMe's proportional attention uses log size)
   index  [B, N0]    for every original token (prefix + patches), the slot that now holds it, or -1 if dropped
+  policy [B, N]     training only, else None: a float keep decision in [0, 1] that carries gradients (learned
+                    reducers train at full length: DynamicViT's hard gumbel decisions; attention then uses
+                    DynamicViT's softmax_with_policy, so dropped tokens stop being attended to)
   num_protected     static: prefix tokens (CLS, distill, registers) that sit first and are never reduced
   grid              static: (h, w) of the patch grid while the patches are still a full grid in raster order
 
@@ -28,6 +31,7 @@ class Tokens:
   mask: jax.Array
   size: jax.Array
   index: jax.Array
+  policy: jax.Array | None = None
   num_protected: int = struct.field(pytree_node=False, default=0)
   grid: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
 
@@ -65,6 +69,11 @@ class Tokens:
   def num_reducible(self) -> int:
     return self.n - self.num_protected
 
+  def keep_weight(self) -> jax.Array:
+    """[B, N] float: how much each slot counts (mask, times the training policy when there is one)."""
+    w = self.mask.astype(jnp.float32)
+    return w if self.policy is None else w * self.policy.astype(jnp.float32)
+
   def protected_mask(self) -> jax.Array:
     """[N] bool, true on the protected prefix."""
     return jnp.arange(self.n) < self.num_protected
@@ -78,7 +87,8 @@ class Tokens:
     take = lambda a: jnp.take_along_axis(a, keep.reshape(b, k, *([1] * (a.ndim - 2))), axis=1)
     old_to_new = batched_scatter(jnp.full((b, self.n), -1, jnp.int32), keep, jnp.arange(k, dtype=jnp.int32))
     return self.replace(x=take(self.x), mask=take(self.mask), size=take(self.size),
-                        index=_compose(self.index, old_to_new), grid=None)
+                        index=_compose(self.index, old_to_new), grid=None,
+                        policy=None if self.policy is None else take(self.policy))
 
   def compact(self, valid: jax.Array, capacity: int) -> "Tokens":
     """Masking plus sort: valid slots first in their original order, then cut to `capacity` (static).
@@ -104,6 +114,9 @@ class Tokens:
     a normalized reassign is ToMe's size-weighted mean. Sizes add; a new slot is valid if any member is.
     One batched scatter-add per field; no loop over the merged tokens.
     """
+    if self.policy is not None:
+      raise ValueError("Tokens.reassign: cannot merge tokens that carry a training policy (DynamicViT-style "
+                       "full-length training); prune with gather, or train the merge without a policy")
     b = self.batch
     by_size = weight is None
     size_in = jnp.where(self.mask, self.size, 0.0)

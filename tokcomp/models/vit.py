@@ -6,7 +6,8 @@ al. 2021) and register tokens (Darcet et al. 2024). Module names follow big_visi
 `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`, `head`).
 
 Each block has two reducer slots: "pre" (before the block, DynamicViT's placement) and "mid" (after the
-attention residual and before the MLP, ToMe's and EViT's). `reduce` is a config string or a schedule
+attention residual and before the MLP, ToMe's and EViT's). A learned reducer's module sits in its block under
+the method's name; `train=True` lets it train at full length with a keep policy (see `tokcomp.tokens`). `reduce` is a config string or a schedule
 (`tokcomp.reducers.build_schedule`). The forward returns `(logits, aux)`; `aux["tokens"]` is the final token
 state, whose `index` maps every original token to its slot.
 """
@@ -77,15 +78,20 @@ class Encoder1DBlock(nn.Module):
   attn_impl: Implementation = None
   dtype: Any = jnp.float32
 
+  def _reduce(self, step: schedules.Step, tokens: Tokens, signals: Signals, train: bool) -> Tokens:
+    if reducers.is_learned(step):  # a linen module with parameters, named after its method
+      return reducers.module(step, name=step.method)(tokens, signals, train=train)
+    return reducers.apply(step, tokens, signals)
+
   @nn.compact
-  def __call__(self, tokens: Tokens, encoder_input: Tokens | None = None) -> Tokens:
+  def __call__(self, tokens: Tokens, encoder_input: Tokens | None = None, *, train: bool = False) -> Tokens:
     step = self.step
     ln0 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
     attention = Attention(self.num_heads, implementation=self.attn_impl, dtype=self.dtype,
                           name="MultiHeadDotProductAttention_0")
     probs = None  # attention probabilities an "ahead" reducer hands back for this block to apply
     if step is not None and step.slot == "pre":
-      tokens = reducers.apply(step, tokens, Signals())
+      tokens = self._reduce(step, tokens, Signals(), train)
     elif step is not None and step.slot == "ahead":  # reads this block's own attention on the incoming tokens
       bias = jnp.log(jnp.maximum(tokens.size, 1e-6)) if self.prop_attn else None
       _, ahead = attention(ln0(tokens.x), tokens.mask, bias, signals=reducers.needed_signals(step))
@@ -96,17 +102,17 @@ class Encoder1DBlock(nn.Module):
     bias = jnp.log(jnp.maximum(tokens.size, 1e-6)) if self.prop_attn else None
     wanted = reducers.needed_signals(mid or post)
     y, signals = attention(y, tokens.mask, bias, signals=tuple(s for s in wanted if s != "encoder_input"),
-                           probs=probs)
+                           probs=probs, policy=tokens.policy)
     if "encoder_input" in wanted:  # not an attention product: the encoder's input state, handed through
       signals = signals.replace(encoder_input=encoder_input)
     tokens = tokens.replace(x=tokens.x + y)
     if mid is not None:
-      tokens = reducers.apply(mid, tokens, signals)
+      tokens = self._reduce(mid, tokens, signals, train)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_1")(tokens.x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
     tokens = tokens.replace(x=tokens.x + y)
     if post is not None:
-      tokens = reducers.apply(post, tokens, signals)
+      tokens = self._reduce(post, tokens, signals, train)
     return tokens
 
 
@@ -120,7 +126,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: Tokens) -> Tokens:
+  def __call__(self, tokens: Tokens, *, train: bool = False) -> Tokens:
     prop = False  # proportional attention starts in the block after the first merge that asks for it
     encoder_input = tokens  # reducers that ask for "encoder_input" get this state (GTP-ViT's graph)
     for i in range(self.depth):
@@ -129,7 +135,7 @@ class Encoder(nn.Module):
       ahead = step is not None and step.slot == "ahead" and reducers.get(step.method).prop_attn(step.config)
       tokens = Encoder1DBlock(self.num_heads, self.mlp_dim, step=step, prop_attn=prop or ahead,
                               attn_impl=self.attn_impl, dtype=self.dtype, name=f"encoderblock_{i}")(
-                                  tokens, encoder_input)
+                                  tokens, encoder_input, train=train)
       prop = prop or (step is not None and reducers.get(step.method).prop_attn(step.config))
     if self.final_norm:
       tokens = tokens.replace(x=nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(tokens.x))
@@ -199,7 +205,6 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
-    del train  # no dropout; kept for the train loop's signature
     self.check()
     if images.ndim != 4:
       raise ValueError(f"ViT input shape {images.shape}: must be [B, H, W, C]")
@@ -234,15 +239,15 @@ class ViT(nn.Module):
     tokens = Tokens.create(x, self.num_prefix, grid=(gh, gw))
     tokens = Encoder(self.depth, self.num_heads, self.mlp_dim, steps=steps,
                      final_norm=not self.fc_norm, attn_impl=self.attn_impl, dtype=self.dtype,
-                     name="Transformer")(tokens)
+                     name="Transformer")(tokens, train=train)
 
     aux: dict[str, Any] = {"tokens": tokens}
     if self.pool == "token":
       pre = tokens.x[:, 0]
     else:
-      valid = tokens.mask[:, self.num_prefix:, None]
-      pre = jnp.sum(jnp.where(valid, tokens.x[:, self.num_prefix:], 0), axis=1) / jnp.maximum(
-          jnp.sum(valid, axis=1), 1)
+      w = tokens.keep_weight()[:, self.num_prefix:, None]  # the mask, times a training policy if any
+      pre = jnp.sum(jnp.where(w > 0, w * tokens.x[:, self.num_prefix:], 0), axis=1) / jnp.maximum(
+          jnp.sum(w, axis=1), 1e-6)
       if self.fc_norm:
         pre = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(pre)
     aux["pre_logits"] = pre

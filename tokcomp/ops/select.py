@@ -41,3 +41,18 @@ def rank_reducible(tokens: Tokens, score: jax.Array) -> jax.Array:
   p = tokens.num_protected
   s = jnp.where(tokens.mask[:, p:], score[:, p:].astype(jnp.float32), -jnp.inf)
   return jnp.argsort(s, axis=1, descending=True, stable=True) + p
+
+
+def hard_gumbel_softmax(logits: jax.Array, rng: jax.Array, tau: float = 1.0) -> jax.Array:
+  """Straight-through hard gumbel-softmax over the last axis (Jang et al., ICLR 2017; torch's
+  `F.gumbel_softmax(hard=True)`): forward one_hot(argmax(l + g)), gradient of softmax((l + g) / tau).
+
+  The noise g ~ Gumbel(0, 1) comes from `gumbel_noise`, one place to swap it for a fixed draw in parity tests.
+  """
+  y = jax.nn.softmax((logits.astype(jnp.float32) + gumbel_noise(rng, logits.shape)) / tau, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), logits.shape[-1], dtype=y.dtype)
+  return hard - jax.lax.stop_gradient(y) + y
+
+
+def gumbel_noise(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return jax.random.gumbel(rng, shape, jnp.float32)

@@ -2,6 +2,11 @@
 
 A method registers a `Method`: its config dataclass, the pure `reduce(tokens, signals, *, config)`, the
 signals it reads from attention, how to spread its arguments over the blocks, and its static count rule.
+A learned method registers a linen `module` instead of `reduce`: a Module class with a `config` field whose
+`__call__(tokens, signals, *, train)` has the reducer signature. The block instantiates it under the method's
+name, so its parameters live beside the block's (`encoderblock_3/dynamicvit/...`). In training it may keep
+the full length and set `Tokens.policy`, and it may `sow` scalar loss terms into the "losses" collection,
+which train.py adds to the objective.
 `reducers.names()` drives the contract tests, so every registered method is tested for jit-once, batch > 1,
 odd N, finite outputs and its declared count.
 """
@@ -21,13 +26,20 @@ ReduceFn = Callable[..., Tokens]
 @dataclasses.dataclass(frozen=True)
 class Method:
   name: str
-  reduce: ReduceFn                              # reduce(tokens, signals, *, config) -> tokens
+  reduce: ReduceFn | None                       # reduce(tokens, signals, *, config) -> tokens
   signals: tuple[str, ...]                      # what the block's attention must compute
   build: Callable[[dict[str, Any], int], schedules.Schedule]  # parsed args, depth -> per-block steps
   out_count: Callable[[Any, int, int], int]     # config, N, protected -> N'
   resolve: Callable[[Any, int, int], Any] = lambda config, n, p: config  # adapt to N, or None for identity
   prop_attn: Callable[[Any], bool] = lambda config: False  # ask for log(size) in later attention
   example: str = ""                             # a small valid config string for the contract tests
+  module: Any = None                            # learned: a linen Module class, Module(config=...)(tokens,
+  #                                               signals, train=...) -> tokens; `reduce` is then None
+  bind: Callable[[Any, int, int], Any] = lambda config, n0, p: config  # see the model's input count N0 first
+
+  def __post_init__(self):
+    if (self.reduce is None) == (self.module is None):
+      raise ValueError(f"reducer {self.name!r}: give exactly one of reduce (training-free) or module (learned)")
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -100,7 +112,23 @@ def build_schedule(spec: str | schedules.Schedule | None, depth: int) -> schedul
 
 
 def apply(step: schedules.Step, tokens: Tokens, signals: Signals) -> Tokens:
-  return get(step.method).reduce(tokens, signals, config=step.config)
+  method = get(step.method)
+  if method.module is not None:
+    raise ValueError(f"{step.method} is a learned reducer (a linen module with parameters): run it inside a model, "
+                     f"or through reducers.module(step)")
+  return method.reduce(tokens, signals, config=step.config)
+
+
+def module(step: schedules.Step, name: str | None = None):
+  """The linen module of a learned step (unbound; init and apply it, or call it inside a parent module)."""
+  method = get(step.method)
+  if method.module is None:
+    raise ValueError(f"{step.method} is training-free: use reducers.apply")
+  return method.module(config=step.config, name=name)
+
+
+def is_learned(step: schedules.Step | None) -> bool:
+  return step is not None and get(step.method).module is not None
 
 
 def needed_signals(step: schedules.Step | None) -> tuple[str, ...]:
