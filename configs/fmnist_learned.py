@@ -1,0 +1,43 @@
+r"""Fine-tune a learned token reducer into the trained Fashion-MNIST ViT (configs/fmnist_vit.py), at about half of
+the dense FLOPs.
+
+Runs: train.py from `init_from` (the dense run's workdir; the reducer's own parameters start fresh), with the
+method's losses (e.g. DynamicViT's ratio loss, sown by its module) and, where the method trains that way,
+distillation from the frozen dense model (KL on the logits, MSE on the kept tokens).
+
+  python train.py --config configs/fmnist_learned.py:method=dynamicvit --workdir workdirs/fm_dynamicvit
+  python train.py --config configs/fmnist_learned.py:method=dynamicvit,source=npz:../shared/data/fashion_mnist.npz,init_from=benchmarks/fmnist_vit --workdir W
+  python train.py --config configs/fmnist_learned.py:method=dynamicvit,runlocal --workdir /tmp/smoke  # seconds
+  python eval.py --mode=eval --config configs/fmnist_learned.py:method=dynamicvit --workdir workdirs/fm_dynamicvit
+
+Args after the colon: method (one of METHODS), plus every fmnist_vit argument (source, steps (1000), batch, lr
+(2e-4), seed, dtype, init_from (benchmarks/fmnist_vit), runlocal).
+Expect: not yet measured; the learned-reducer issue's table will say, with device and date.
+"""
+from configs import fmnist_vit
+from configs.common import parse_arg
+
+# method -> the reducer spec at ~50 % of the dense FLOPs (depth 6, 197 tokens), the spec for the 2-block
+# runlocal model, and the distillation weights (None: plain cross-entropy fine-tuning).
+METHODS = {
+    # ρ = 0.68 at blocks 1, 3, 4 (the paper's 3-6-9 of 12, scaled): 196 -> 133 -> 90 -> 61 patches, 51 % FLOPs.
+    "dynamicvit": dict(reduce="dynamicvit:keep=0.68", runlocal="dynamicvit:keep=0.7,layers=1",
+                       distill=dict(logits=0.5, tokens=0.5)),
+}
+
+
+def get_config(arg: str | None = None):
+  a = parse_arg(arg, method="dynamicvit", source="embedded:fashion_mnist", steps=1000, batch=128, lr=2e-4, seed=0,
+                dtype="float32", init_from="benchmarks/fmnist_vit", runlocal=False)
+  if a.method not in METHODS:
+    raise ValueError(f"configs/fmnist_learned.py method={a.method!r}: must be one of {sorted(METHODS)}")
+  m = METHODS[a.method]
+  c = fmnist_vit.get_config(f"source={a.source},steps={a.steps},batch={a.batch},lr={a.lr},seed={a.seed},"
+                            f"dtype={a.dtype},init_from={a.init_from}" + (",runlocal" if a.runlocal else ""))
+  c.method = a.method
+  c.reduce = m["runlocal"] if a.runlocal else m["reduce"]
+  c.warmup_steps = max(1, min(100, c.steps // 10))
+  if m["distill"]:
+    c.distill = dict(teacher="init", **m["distill"])
+  c.sweep = ""  # the training-free sweep belongs to the dense model; eval.py --mode=eval measures this one
+  return c

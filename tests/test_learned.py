@@ -1,0 +1,55 @@
+"""Every learned reducer (a registered Method with a linen `module`) trains through train.py with its config in
+configs/fmnist_learned.py: a fine-tune from a dense run, its own parameters fresh, its sown losses and the
+configured distillation in the objective, then inference at its static counts."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from configs import fmnist_learned, fmnist_vit  # noqa: E402
+from tokcomp import evaluation, reducers  # noqa: E402
+
+LEARNED = [n for n in reducers.names() if reducers.get(n).module is not None]
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("dense"))
+  c = fmnist_vit.get_config("runlocal")
+  c.steps = 1
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def test_every_learned_reducer_has_a_config():
+  assert sorted(fmnist_learned.METHODS) == sorted(LEARNED)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_fine_tunes_through_train_py(name, dense_run, tmp_path):
+  c = fmnist_learned.get_config(f"method={name},runlocal,init_from={dense_run}")
+  c.steps, c.log_every = 3, 1
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["steps"] == 3 and summary["reduce"] == c.reduce
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(l) for l in f]
+  for row in rows:
+    assert np.isfinite(row["loss"])
+    total = sum(v for k, v in row.items() if k.startswith("loss_"))
+    np.testing.assert_allclose(total, row["loss"], rtol=1e-5)  # the logged parts make up the objective
+    if c.get("distill"):
+      assert row["loss_distill_logits"] >= 0 and row["loss_distill_tokens"] >= 0
+  # The fine-tuned model holds the reducer's own parameters beside every dense one of the run it started from.
+  params, _ = evaluation.restore_params(str(tmp_path))
+  dense, _ = evaluation.restore_params(dense_run)
+  blocks = params["params"]["Transformer"]
+  own = {k: v for k, v in blocks.items() if k.startswith("encoderblock_")}
+  assert any(name in b for b in own.values()), f"no {name} parameters in the fine-tuned model"
+  assert summary["tokens_per_layer"][-1] < summary["tokens_per_layer"][0]  # inference reduces
+  assert set(dense["params"]) <= set(params["params"])
