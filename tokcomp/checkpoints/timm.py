@@ -5,6 +5,10 @@ Transposed or reshaped keys (torch Linear is [out, in]; flax Dense is [in, out])
   blocks.i.attn.qkv.weight [3D, D]     -> query|key|value/kernel [D, H, d]  (rows q;k;v, heads major)
   blocks.i.attn.proj.weight [D, D]     -> out/kernel [H, d, D]
   every other Linear .weight [o, i]    -> kernel [i, o]
+
+DynamicViT checkpoints (raoyongming/DynamicViT: the same keys plus `score_predictor.<k>.*`) load into the
+`dynamicvit` modules of the model's schedule, the k-th predictor into the k-th DynamicViT block; pass the
+schedule as `reduce="dynamicvit:keep=ρ,layers=..."` (a checkpoint does not record ρ or the layers).
 """
 from __future__ import annotations
 
@@ -110,9 +114,31 @@ def convert(arrays: Mapping[str, np.ndarray], *, num_heads: int | None = None,
   dense("head", "head")
   if distilled:
     dense("head_dist", "head_dist")
+  _dynamicvit_predictors(a, model, out)
   if a:
     raise ValueError(f"timm checkpoint: keys tokcomp does not know how to load: {sorted(a)[:10]}")
   return model, unflatten(out)
+
+
+def _dynamicvit_predictors(a: dict, model: vit.ViT, out: dict) -> None:
+  """Moves DynamicViT's `score_predictor.<k>` (PredictorLG) weights to the k-th dynamicvit block of the model."""
+  from tokcomp import reducers
+  ids = sorted({int(m.group(1)) for k in a if (m := re.match(r"score_predictor\.(\d+)\.", k))})
+  if not ids:
+    return
+  blocks = [i for i, st in enumerate(reducers.build_schedule(model.reduce, model.depth))
+            if st is not None and st.method == "dynamicvit"]
+  if len(blocks) != len(ids) or ids != list(range(len(ids))):
+    raise ValueError(f"timm checkpoint has {len(ids)} DynamicViT predictors (score_predictor.*) but the model's "
+                     f"reduce={model.reduce!r} has {len(blocks)} dynamicvit blocks: pass "
+                     f"reduce='dynamicvit:keep=<rho>,layers=<{len(ids)} block indices>' (DynamicViT's DeiT: 3-6-9)")
+  lin = lambda k: (np.ascontiguousarray(a.pop(k + ".weight").T), a.pop(k + ".bias"))
+  for k, block in zip(ids, blocks):
+    t, s = f"score_predictor.{k}.", f"Transformer/encoderblock_{block}/dynamicvit/predictor/"
+    out[s + "in_norm/scale"], out[s + "in_norm/bias"] = a.pop(t + "in_conv.0.weight"), a.pop(t + "in_conv.0.bias")
+    for name, key in (("in_dense", "in_conv.1"), ("out_dense_0", "out_conv.0"), ("out_dense_1", "out_conv.2"),
+                      ("out_dense_2", "out_conv.4")):
+      out[s + name + "/kernel"], out[s + name + "/bias"] = lin(t + key)
 
 
 def _expect_shape(key: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
