@@ -40,7 +40,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from tokcomp import data, evaluation
+from tokcomp import data, evaluation, schedules
 from tokcomp.models import vit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=False)
@@ -59,8 +59,19 @@ class TrainState:
 def reduce_stages(config) -> list[tuple[int, str | None]]:
   """[(first step, reducer spec)], from `config.reduce` (one stage) or `config.reduce_schedule`, whose entries
   "spec@step" are joined by '|': "evit:keep=0.9,layers=3-6-9@0|evit:keep=0.7,layers=3-6-9@3000" anneals EViT's
-  keep rate in stages. Each stage has static token counts, so it compiles once."""
+  keep rate in stages, or from `config.reduce_anneal` (EViT's cosine anneal, `schedules.cosine_anneal`).
+  Each stage has static token counts, so it compiles once."""
   sched = config.get("reduce_schedule", "")
+  anneal = config.get("reduce_anneal", None)
+  if anneal and sched:
+    raise ValueError("config.reduce_anneal and config.reduce_schedule are exclusive: give one")
+  if anneal:  # e.g. dict(spec="evit:keep={keep},layers=3-6-9", start=.., steps=.., base=0.7, stages=8)
+    if "{keep}" not in anneal.get("spec", ""):
+      raise ValueError(f"config.reduce_anneal.spec={anneal.get('spec')!r}: must contain '{{keep}}', "
+                       "e.g. 'evit:keep={keep},layers=3-6-9'")
+    pieces = schedules.cosine_anneal(int(anneal["start"]), int(anneal["steps"]), float(anneal["base"]),
+                                     float(anneal.get("maximum", 1.0)), int(anneal.get("stages", 8)))
+    sched = "|".join(f"{anneal['spec'].format(keep=round(rho, 6))}@{t}" for t, rho in pieces)
   if not sched:
     return [(1, config.get("reduce") or None)]
   stages = []

@@ -18,8 +18,15 @@ from configs import fmnist_vit
 from configs.common import parse_arg
 
 # method -> the reducer spec at ~50 % of the dense FLOPs (depth 6, 197 tokens), the spec for the 2-block
-# runlocal model, and the distillation weights (None: plain cross-entropy fine-tuning).
+# runlocal model, and the distillation weights (None: plain cross-entropy fine-tuning). Training-free methods
+# trained in (the item 7) are here too: ToMe at a fixed r, EViT with its keep rate cosine-annealed
+# from 1 (`anneal`: start and length as fractions of the run, as the reference's shrink_start_epoch /
+# shrink_epochs; `schedules.cosine_anneal`, one compile per stage).
 METHODS = {
+    "tome": dict(reduce="tome:r=30", runlocal="tome:r=4", distill=dict(logits=0.5, tokens=0.0)),  # 51 % FLOPs
+    # keep 0.55 at blocks 1, 3, 4: 51 % FLOPs at the end of the anneal.
+    "evit": dict(reduce="evit:keep={keep},layers=1-3-4", runlocal="evit:keep={keep},layers=1", base=0.55,
+                 anneal=dict(start=0.1, steps=0.5, stages=6), distill=dict(logits=0.5, tokens=0.0)),
     # ρ = 0.68 at blocks 1, 3, 4 (the paper's 3-6-9 of 12, scaled): 196 -> 133 -> 90 -> 61 patches, 51 % FLOPs.
     "dynamicvit": dict(reduce="dynamicvit:keep=0.68", runlocal="dynamicvit:keep=0.7,layers=1",
                        distill=dict(logits=0.5, tokens=0.5)),
@@ -36,6 +43,12 @@ def get_config(arg: str | None = None):
                             f"dtype={a.dtype},init_from={a.init_from}" + (",runlocal" if a.runlocal else ""))
   c.method = a.method
   c.reduce = m["runlocal"] if a.runlocal else m["reduce"]
+  if "anneal" in m:
+    steps = c.steps
+    c.reduce_anneal = dict(spec=c.reduce, base=m["base"], start=int(m["anneal"]["start"] * steps),
+                           steps=max(1, int(m["anneal"]["steps"] * steps)),
+                           stages=min(m["anneal"]["stages"], max(1, steps - 1)))
+    c.reduce = c.reduce.format(keep=m["base"])  # what the run ends with, and what eval.py measures
   c.warmup_steps = max(1, min(100, c.steps // 10))
   if m["distill"]:
     c.distill = dict(teacher="init", **m["distill"])

@@ -63,3 +63,25 @@ def test_flops_standard_vit_s16():
 def test_bad_layer_index_names_field():
   with pytest.raises(ValueError, match="evit layers entry 12"):
     vit.make("S/16", reduce="evit:keep=0.7,layers=3-12").plan((224, 224))
+
+
+def test_cosine_anneal_samples_evits_keep_rate():
+  """Stages sample the reference's per-iteration rule (evit helpers.adjust_keep_rate) at their starts."""
+  import math
+
+  def reference(t, start, steps, base, maximum=1.0):  # adjust_keep_rate with one iteration per "epoch"
+    if t < start:
+      return maximum
+    if t >= start + steps:
+      return base
+    return base + (maximum - base) * (math.cos((t - start) / steps * math.pi) + 1) * 0.5
+
+  pieces = schedules.cosine_anneal(100, 800, 0.7, stages=4)
+  assert [t for t, _ in pieces] == [0, 300, 500, 700, 900]
+  for t, rho in pieces:
+    assert rho == pytest.approx(reference(t, 100, 800, 0.7))
+  assert schedules.cosine_anneal(0, 10, 0.5, stages=1) == [(0, 1.0), (10, 0.5)]
+  with pytest.raises(ValueError, match="stages=0"):
+    schedules.cosine_anneal(0, 10, 0.5, stages=0)
+  with pytest.raises(ValueError, match="base=1.5"):
+    schedules.cosine_anneal(0, 10, 1.5)

@@ -116,6 +116,23 @@ def test_bad_reduce_schedule(tmp_path):
     train.train_and_evaluate(c, str(tmp_path))
 
 
+def test_bad_reduce_anneal():
+  c = config(1)
+  c.reduce_anneal = dict(spec="evit:keep=0.7,layers=1", start=0, steps=2, base=0.5)
+  with pytest.raises(ValueError, match="must contain '{keep}'"):
+    train.reduce_stages(c)
+  c.reduce_anneal.spec, c.reduce_schedule = "evit:keep={keep},layers=1", "tome:r=4@1"
+  with pytest.raises(ValueError, match="exclusive"):
+    train.reduce_stages(c)
+
+
+def test_distillation_needs_a_teacher(tmp_path):
+  c = config(1, reduce="dynamicvit:keep=0.7,layers=1")
+  c.distill = dict(teacher="init", logits=0.5, tokens=0.5)
+  with pytest.raises(ValueError, match="needs config.init_from"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
 def test_imagenet_config_one_step_on_mock_data(tmp_path):
   """configs/imagenet_vit_s16.py as written (ViT-S/16 at 224, inception crop, mixup), one step on tfds mock data."""
   import tensorflow_datasets as tfds

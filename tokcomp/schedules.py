@@ -129,3 +129,34 @@ def vit_flops(counts: Sequence[LayerCounts], width: int, mlp_dim: int, patch_siz
 def ceil_count(rate: float, n: int) -> int:
   """ceil(rate * n) in Python floats, as EViT computes its kept count (`math.ceil(keep_rate * (N - 1))`)."""
   return math.ceil(rate * n)
+
+
+def cosine_anneal(start: int, steps: int, base: float, maximum: float = 1.0, stages: int = 8
+                  ) -> list[tuple[int, float]]:
+  """EViT's keep-rate anneal (Liang et al. 2022; the reference's `helpers.adjust_keep_rate`) as static stages.
+
+  The reference sets, at iteration t of the anneal window [start, start + steps),
+    ρ(t) = base + (maximum - base) (cos(π (t - start) / steps) + 1) / 2,
+  maximum before it and base after it, changing ρ every iteration. Every ρ here fixes token counts, so each
+  value is one compile: the anneal is sampled at `stages` evenly spaced starts (ρ held until the next), then
+  `base` from start + steps on. Returns [(first step, ρ)], steps ascending, the first at step 0.
+  """
+  if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+    raise ValueError(f"anneal stages={stages!r}: must be an int >= 1 (each stage is one compile)")
+  if not 0.0 < base <= maximum <= 1.0:
+    raise ValueError(f"anneal base={base}, maximum={maximum}: need 0 < base <= maximum <= 1")
+  if start < 0 or steps < 1:
+    raise ValueError(f"anneal start={start}, steps={steps}: need start >= 0 and steps >= 1")
+  out = [(0, maximum)]
+  for j in range(stages):
+    t = start + (j * steps) // stages
+    rho = base + (maximum - base) * (math.cos(math.pi * (t - start) / steps) + 1) * 0.5
+    out.append((t, rho))
+  out.append((start + steps, base))
+  merged: list[tuple[int, float]] = []
+  for t, rho in out:  # a later entry at the same step wins; equal neighbours merge
+    if merged and merged[-1][0] == t:
+      merged[-1] = (t, rho)
+    elif not merged or merged[-1][1] != rho:
+      merged.append((t, rho))
+  return merged
