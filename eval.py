@@ -33,10 +33,9 @@ def run_bench(config, workdir: str) -> dict:
 
 
 def _trained(config, workdir: str):
-  from tokcomp import data, evaluation
-  from tokcomp.models import vit
+  from tokcomp import data, evaluation, models
   params, step = evaluation.restore_params(workdir)
-  model = vit.ViT(**config.model)
+  model = models.get(config.get("model_name", "vit"))(**config.model)
   source = data.get_source(config.data.source, config.data.test_split)
   mean, std = data.stats_for(config.data.source)
   return model, params, step, source, mean, std

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from tokcomp import data, evaluation, schedules
-from tokcomp.models import vit
+from tokcomp import models
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/train", "Checkpoints, metrics.jsonl and summary.json.")
@@ -149,9 +149,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Model.
   dtype = jnp.dtype(config.get("dtype", "float32"))
   stages = reduce_stages(config)
-  model = vit.ViT(**config.model, reduce=stages[-1][1], dtype=dtype)  # the final stage is what is evaluated
-  models = {spec: model.clone(reduce=spec) for _, spec in stages}
-  tokens = {spec: [c.n_mlp for c in m.plan(image_hw)[1]] for spec, m in models.items()}  # also checks every spec
+  model = models.get(config.get("model_name", "vit"))(**config.model, reduce=stages[-1][1], dtype=dtype)
+  # (the final stage is what is evaluated)
+  stage_models = {spec: model.clone(reduce=spec) for _, spec in stages}
+  tokens = {spec: [c.n_mlp for c in m.plan(image_hw)[1]] for spec, m in stage_models.items()}  # also checks every spec
   num_classes = config.model["num_classes"]
 
   # Optimiser.
@@ -165,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def init(rng):
     dummy = jnp.zeros((1, *image_hw, in_channels))
     params = model.clone(reduce=None).init(rng, dummy)
-    for m in models.values():  # learned reducers add their own parameters (the same rng: the ViT's agree)
+    for m in stage_models.values():  # learned reducers add their own parameters (the same rng: the ViT's agree)
       params = merge_params(params, m.init(rng, dummy))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -218,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             in_shardings=(state_sharding, batch_sharding, NamedSharding(mesh, P()),
                                           teacher_sharding),
                             out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
-              for spec, m in models.items()}
+              for spec, m in stage_models.items()}
 
   # Checkpoints: resume model, optimiser and data position from the latest step.
   ckpt = ocp.CheckpointManager(
