@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -161,13 +162,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           end_value=config.lr * config.get("lr_end_factor", 0.0))
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
                    optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=config.weight_decay))
+  if config.get("train_only", ""):  # e.g. DiffRate's search: only the rate logits learn, the ViT is frozen
+    pattern = re.compile(config.train_only)
+    label = lambda path, _: "train" if pattern.search("/".join(str(getattr(k, "key", k)) for k in path)) else "freeze"
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                               lambda params: jax.tree_util.tree_map_with_path(label, params))
 
   # Sharded state: parameters are created directly in their sharding.
   def init(rng):
     dummy = jnp.zeros((1, *image_hw, in_channels))
-    params = model.clone(reduce=None).init(rng, dummy)
+    params = {"params": model.clone(reduce=None).init(rng, dummy)["params"]}
     for m in stage_models.values():  # learned reducers add their own parameters (the same rng: the ViT's agree)
-      params = merge_params(params, m.init(rng, dummy))
+      params = merge_params(params, {"params": m.init(rng, dummy)["params"]})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, jax.random.key(config.seed))
@@ -192,6 +198,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     teacher_sharding = param_sharding(mesh, t_abstract)
     teacher_params = jax.device_put(teacher_params, teacher_sharding)
 
+  flops_target = config.get("flops_target", None)
+  if flops_target and not 0.0 < float(flops_target.get("ratio", -1)) <= 1.0:
+    raise ValueError(f"config.flops_target.ratio={flops_target.get('ratio')!r}: must be a fraction of the dense "
+                     "FLOPs in (0, 1]")
+
   # Step.
   def train_step(state: TrainState, batch, rng, teacher_params, model):
     rng_mix, rng_model = jax.random.split(rng)
@@ -200,12 +211,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
       images = batch["image"].astype(dtype)
       labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), config.label_smoothing)
       images, labels = data.mixup(rng_mix, images, labels, config.get("mixup", 0.0))
-      (logits, aux), sown = model.apply(params, images, train=True, rngs={"gumbel": rng_model}, mutable=["losses"])
+      (logits, aux), sown = model.apply(params, images, train=True, rngs={"gumbel": rng_model},
+                                        mutable=["losses", "counts"])
       parts = {"ce": optax.softmax_cross_entropy(logits, labels).mean()}
       parts["reducer"] = sum(jnp.sum(l) for l in jax.tree_util.tree_leaves(sown.get("losses", {})))
       if distill:
         t_logits, t_aux = teacher.apply(jax.lax.stop_gradient(teacher_params), images)
         parts.update(distill_losses(distill, logits, aux["tokens"], t_logits, t_aux["tokens"]))
+      if flops_target:
+        parts["flops"] = flops_loss(flops_target, model, sown.get("counts", {}), image_hw, in_channels)
       return sum(parts.values()), parts
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -276,6 +290,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                               data=grain.PyGrainCheckpointSave(it)), force=step == config.steps)
   ckpt.wait_until_finished()
 
+  # Exports: a search writes what it found (DiffRate: workdir/compression_rate.json).
+  from tokcomp import reducers
+  for method in {s.method for s in reducers.build_schedule(stages[-1][1], model.depth) if s is not None}:
+    if reducers.get(method).export is not None and jax.process_index() == 0:
+      print(f"{method}: wrote {reducers.get(method).export(state.params, model, workdir, image_hw)}", flush=True)
+
   # Evaluation.
   acc = evaluation.accuracy(model, state.params, test_src, batch=config.get("eval_batch", config.batch), mean=mean,
                             std=std, limit=config.get("eval_limit", None), image_size=image_size)
@@ -296,6 +316,26 @@ def merge_params(a, b):
     if fa[k].shape != fb[k].shape:
       raise ValueError(f"parameter {'/'.join(k)}: shapes {fa[k].shape} and {fb[k].shape} differ between stages")
   return traverse_util.unflatten_dict({**fb, **fa})
+
+
+def flops_loss(target, model, counts, image_hw, in_channels) -> jax.Array:
+  """weight * (FLOPs / dense FLOPs - ratio)^2, the FLOPs from the token counts that reducers sowed into the
+  "counts" collection (one per block, with their straight-through gradients; DiffRate eq. 10 on a ratio)."""
+  blocks = counts.get("Transformer", {})
+  if not blocks:
+    raise ValueError("config.flops_target needs a reducer that sows its token counts (e.g. diffrate_search)")
+  gh, gw = model.grid(image_hw)
+  n = float(model.num_prefix + gh * gw)
+  layers = []
+  for i in range(model.depth):
+    leaves = jax.tree_util.tree_leaves(blocks.get(f"encoderblock_{i}", {}))
+    n_out = leaves[0] if leaves else n
+    layers.append(schedules.LayerCounts(n_attn=n, n_mlp=n_out))
+    n = n_out
+  dims = (model.width, model.mlp_dim, tuple(model.patch_size), gh * gw, model.num_classes, in_channels)
+  flops = schedules.vit_flops(layers, *dims)
+  dense = model.clone(reduce=None).flops(image_hw, in_channels)
+  return float(target.get("weight", 5.0 * 4.6 ** 2)) * (flops / dense - float(target["ratio"])) ** 2
 
 
 def distill_losses(distill, logits, tokens, t_logits, t_tokens) -> dict:

@@ -28,8 +28,21 @@ METHODS = {
     "evit": dict(reduce="evit:keep={keep},layers=1-3-4", runlocal="evit:keep={keep},layers=1", base=0.55,
                  anneal=dict(start=0.1, steps=0.5, stages=6), distill=dict(logits=0.5, tokens=0.0)),
     # ρ = 0.68 at blocks 1, 3, 4 (the paper's 3-6-9 of 12, scaled): 196 -> 133 -> 90 -> 61 patches, 51 % FLOPs.
+    # DiffRate's search: only the rate logits train (the ViT is frozen), AdamW at the reference's arch-lr 0.01,
+    # no weight decay, the FLOPs loss on the ratio to dense; writes workdir/compression_rate.json, which
+    # `diffrate:schedule=` then runs training-free.
+    "diffrate_search": dict(reduce="diffrate_search", runlocal="diffrate_search", distill=None,
+                            overrides=dict(train_only="diffrate_search", lr=0.01, weight_decay=0.0,
+                                           flops_target=dict(ratio=0.5, weight=5.0 * 4.6 ** 2))),
     "dynamicvit": dict(reduce="dynamicvit:keep=0.68", runlocal="dynamicvit:keep=0.7,layers=1",
                        distill=dict(logits=0.5, tokens=0.5)),
+    # M = 8 merged tokens (the paper's default) before block 3 of 6 (halfway): 196 -> 8 patches, 52 % FLOPs.
+    "patchmerger": dict(reduce="patchmerger:tokens=8,layer=3", runlocal="patchmerger:tokens=8,layer=1",
+                        distill=dict(logits=0.5, tokens=0.0)),
+    # TSM with ρ = 0.55 before blocks 2, 3, 4: 196 -> 107 -> 59 -> 32 tokens, 49 % FLOPs (logits distillation only;
+    # SiT's FRD token distillation needs full-length outputs).
+    "sit": dict(reduce="sit:keep=0.55,layers=2-3-4", runlocal="sit:keep=0.5,layers=1",
+                distill=dict(logits=0.5, tokens=0.0)),
 }
 
 
@@ -50,6 +63,7 @@ def get_config(arg: str | None = None):
                            stages=min(m["anneal"]["stages"], max(1, steps - 1)))
     c.reduce = c.reduce.format(keep=m["base"])  # what the run ends with, and what eval.py measures
   c.warmup_steps = max(1, min(100, c.steps // 10))
+  c.update(m.get("overrides", {}))
   if m["distill"]:
     c.distill = dict(teacher="init", **m["distill"])
   c.sweep = ""  # the training-free sweep belongs to the dense model; eval.py --mode=eval measures this one

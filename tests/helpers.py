@@ -23,6 +23,7 @@ def random_params(model, image_hw=(56, 56), seed=0, std=0.2):
   # Under jit (eager init compiles op by op). Learned reducers add their parameters to the dense twin's.
   learned = any(reducers.is_learned(st) for st in reducers.build_schedule(model.reduce, model.depth))
   params = jax.jit((model if learned else model.clone(reduce=None)).init)(jax.random.key(seed), x)
+  params = {"params": params["params"]}  # not the collections a module may sow into
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   leaves = [np.asarray(l) + std * np.asarray(jax.random.normal(k, l.shape)) for l, k in zip(leaves, keys)]
@@ -65,4 +66,5 @@ def apply_step(step, tokens, signals, seed=0):
   if not reducers.is_learned(step):
     return reducers.apply(step, tokens, signals)
   module = reducers.module(step)
-  return module.apply(module.init(jax.random.key(seed), tokens, signals), tokens, signals)
+  params = {"params": module.init(jax.random.key(seed), tokens, signals)["params"]}
+  return module.apply(params, tokens, signals)

@@ -85,7 +85,8 @@ class Attention(nn.Module):
     """probs: attention probabilities [B, H, N, N] to apply to the values instead of softmax(QKᵀ/√d + bias)
     (MCTF's fused one-step-ahead attention); the signals still come from Q and K.
     policy: a training keep policy [B, N] (Tokens.policy): the attention becomes `softmax_with_policy` over the
-    explicit scores (an O(N^2) product, training only), with invalid keys folded into the policy."""
+    explicit scores (an O(N^2) product, training only), with invalid keys folded into the policy; the
+    cls_attn signal is then that attention's CLS row (DiffRate's search ranks by it)."""
     b, n, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"Attention.num_heads={self.num_heads} must divide the width {width}")
@@ -111,7 +112,9 @@ class Attention(nn.Module):
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)  # [B, N, D]
 
     out = {}
-    if "cls_attn" in signals:
+    if "cls_attn" in signals and policy is not None:  # training under a keep policy: the row it applied
+      out["cls_attn"] = probs[:, :, 0].astype(jnp.float32)
+    elif "cls_attn" in signals:
       scale = 1.0 / math.sqrt(head_dim)
       logits = jnp.einsum("bhd,bnhd->bhn", q[:, 0].astype(jnp.float32), k.astype(jnp.float32)) * scale
       if bias is not None:

@@ -36,6 +36,7 @@ class Method:
   module: Any = None                            # learned: a linen Module class, Module(config=...)(tokens,
   #                                               signals, train=...) -> tokens; `reduce` is then None
   bind: Callable[[Any, int, int], Any] = lambda config, n0, p: config  # see the model's input count N0 first
+  export: Callable[..., Any] | None = None       # after training: export(params, model, workdir, image_hw)
 
   def __post_init__(self):
     if (self.reduce is None) == (self.module is None):
