@@ -319,8 +319,15 @@ def merge_params(a, b):
 
 
 def flops_loss(target, model, counts, image_hw, in_channels) -> jax.Array:
-  """weight * (FLOPs / dense FLOPs - ratio)^2, the FLOPs from the token counts that reducers sowed into the
-  "counts" collection (one per block, with their straight-through gradients; DiffRate eq. 10 on a ratio)."""
+  """weight * (FLOPs / dense FLOPs - ratio)^2 (DiffRate eq. 10, on the ratio to the dense FLOPs)."""
+  flops = sown_flops(model, counts, image_hw, in_channels)
+  dense = model.clone(reduce=None).flops(image_hw, in_channels)
+  return float(target.get("weight", 5.0 * 4.6 ** 2)) * (flops / dense - float(target["ratio"])) ** 2
+
+
+def sown_flops(model, counts, image_hw, in_channels) -> jax.Array:
+  """The model's FLOPs (`schedules.vit_flops`) from the token counts that reducers sowed into the "counts"
+  collection, one per block, keeping their straight-through gradients (DiffRate's calculate_flop_training)."""
   blocks = counts.get("Transformer", {})
   if not blocks:
     raise ValueError("config.flops_target needs a reducer that sows its token counts (e.g. diffrate_search)")
@@ -333,9 +340,7 @@ def flops_loss(target, model, counts, image_hw, in_channels) -> jax.Array:
     layers.append(schedules.LayerCounts(n_attn=n, n_mlp=n_out))
     n = n_out
   dims = (model.width, model.mlp_dim, tuple(model.patch_size), gh * gw, model.num_classes, in_channels)
-  flops = schedules.vit_flops(layers, *dims)
-  dense = model.clone(reduce=None).flops(image_hw, in_channels)
-  return float(target.get("weight", 5.0 * 4.6 ** 2)) * (flops / dense - float(target["ratio"])) ** 2
+  return schedules.vit_flops(layers, *dims)
 
 
 def distill_losses(distill, logits, tokens, t_logits, t_tokens) -> dict:

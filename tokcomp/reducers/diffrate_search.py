@@ -20,7 +20,12 @@ both K_p and K_m, as the reference's STE_Min) into the "counts" collection; trai
 model's FLOPs (`schedules.vit_flops`) and adds weight · (FLOPs / dense FLOPs - ratio)^2 (`config.flops_target`).
 Outside training the same rates run as masks (no speedup); `searched_counts(params, depth)` reads the discrete
 counts, `write_schedule` writes the authors' JSON, and `diffrate:schedule=PATH` runs it at static counts.
-Config: `diffrate_search` (every block), `diffrate_search:granularity=2`.
+Config: `diffrate_search` (every block), `diffrate_search:granularity=2`. Block 0 is never compressed (its one
+candidate is all patches), as the reference's `non_compressed_block_index = [0]`.
+
+Parity: tests/goldens/diffrate_search_cls50.npz (tools/goldens/make_diffrate_search.py, OpenGVLab/DiffRate @
+        91ae3e3, the training pass): logits, the alive counts per block, the FLOPs, and the gradients of the
+        logits and of the FLOPs with respect to every block's rate logits.
 
 Where we differ from the reference, on purpose:
   * The FLOPs loss is on the ratio to the dense FLOPs (FLOPs = 2 MACs, schedules.vit_flops), not on GMACs:
@@ -145,10 +150,10 @@ def searched_counts(params, num_patches: int, granularity: int = 1):
   `kept_token_number = int(ceil(Σ c_k softmax(θ)_k) + 1)`: a `diffrate.KeptCounts`."""
   from tokcomp.reducers.diffrate import KeptCounts
   blocks = params["params"]["Transformer"]
-  cand = candidates(num_patches, granularity)
   prune, merge = [], []
   for i in range(len([k for k in blocks if k.startswith("encoderblock_")])):
     p = blocks[f"encoderblock_{i}"]["diffrate_search"]
+    cand = candidates(num_patches, num_patches + 1 if i == 0 else granularity)
     for out, key in ((prune, "prune_logits"), (merge, "merge_logits")):
       out.append(int(kept_and_probability(jnp.asarray(p[key]), cand, 1)[0]))
   return KeptCounts(tuple(prune), tuple(merge))
@@ -190,7 +195,9 @@ def _build(args, depth):
 
 
 def _bind(config: SearchConfig, n0: int, protected: int) -> SearchConfig:
-  return dataclasses.replace(config, num_patches=n0 - protected)
+  # Block 0 is never compressed (the reference's `non_compressed_block_index = [0]`): one candidate, all patches.
+  g = n0 - protected + 1 if config.layer == 0 else config.granularity
+  return dataclasses.replace(config, num_patches=n0 - protected, granularity=g)
 
 
 reducers.register(reducers.Method(
