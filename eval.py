@@ -58,9 +58,16 @@ def run_sweep(config, workdir: str) -> dict:
   from tokcomp import evaluation
   model, params, step, source, mean, std = _trained(config, workdir)
   specs = [s for s in config.sweep.split(";") if s.strip()]
+  fine_tuned = []  # config.fine_tuned: train.py workdirs of models fine-tuned with a reducer, joined by ';'
+  for run in filter(None, (r.strip() for r in config.get("fine_tuned", "").split(";"))):
+    summary = os.path.join(run, "summary.json")
+    if not os.path.exists(summary):
+      raise FileNotFoundError(f"config.fine_tuned entry {run!r}: no summary.json (not a finished train.py run)")
+    with open(summary) as f:
+      fine_tuned.append((json.load(f)["reduce"], evaluation.restore_params(run)[0]))
   rows = evaluation.sweep(model, params, source, specs, batch=config.eval_batch, mean=mean, std=std,
                           limit=config.get("eval_limit", None), image_size=config.data.get("image_size", None),
-                          runs=config.get("sweep_runs", 10))
+                          runs=config.get("sweep_runs", 10), fine_tuned=fine_tuned)
   title = (f"ViT (width {config.model['width']}, depth {config.model['depth']}, patch "
            f"{config.model['patch_size'][0]}) on {config.data.source} test, checkpoint step {step}")
   payload = evaluation.write_sweep(rows, workdir, title)

@@ -13,7 +13,9 @@ Fashion-MNIST subset by default, or on the full shared copy / tfds with `source=
 
 Args after the colon: source (embedded:fashion_mnist | npz:PATH | tfds:fashion_mnist), reduce (''), steps (2000),
 batch (128), lr (1e-3), dtype (float32 | bfloat16), mesh_fsdp (1), init_from ('': a train.py workdir or a timm /
-big_vision file to fine-tune from; fresh optimiser), runlocal (tiny model, 2 steps).
+big_vision file to fine-tune from; fresh optimiser), fine_tuned ('': train.py workdirs of models fine-tuned with a
+reducer, e.g. by configs/fmnist_learned.py, joined by ';': eval.py --mode=sweep adds their rows), runlocal (tiny
+model, 2 steps).
 Expect: not yet measured at full length (the platform issue's results table will say, with device and date).
 """
 from configs.common import parse_arg
@@ -21,7 +23,7 @@ from configs.common import parse_arg
 
 def get_config(arg: str | None = None):
   c = parse_arg(arg, source="embedded:fashion_mnist", reduce="", steps=2000, batch=128, runlocal=False, lr=1e-3,
-                seed=0, dtype="float32", mesh_fsdp=1, init_from="")
+                seed=0, dtype="float32", mesh_fsdp=1, init_from="", fine_tuned="")
   c.data = dict(source=c.source, train_split="train", test_split="test", crop_pad=2, flip=True)
   # A narrow ViT on 2x2 patches: 196 patch tokens + CLS, sized to train on 2 CPU cores (~70 img/s).
   c.model = dict(num_classes=10, patch_size=(2, 2), width=96, depth=6, mlp_dim=192, num_heads=3)

@@ -68,3 +68,21 @@ def test_fine_tunes_through_train_py(name, dense_run, tmp_path):
   else:
     assert summary["tokens_per_layer"][-1] < summary["tokens_per_layer"][0]  # inference reduces
   assert set(dense["params"]) <= set(params["params"])
+
+
+def test_sweep_adds_fine_tuned_rows(dense_run, tmp_path):
+  """eval.py --mode=sweep with config.fine_tuned: the fine-tuned model is measured beside the training-free rows,
+  as its own family."""
+  import subprocess
+  run = str(tmp_path / "dyn")
+  c = fmnist_learned.get_config(f"method=dynamicvit,runlocal,init_from={dense_run}")
+  train.train_and_evaluate(c, run)
+  r = subprocess.run([sys.executable, "eval.py", "--mode=sweep",
+                      f"--config=configs/fmnist_vit.py:runlocal,fine_tuned={run}", f"--workdir={dense_run}"],
+                      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(dense_run, "sweep.json")) as f:
+    rows = {row["reducer"]: row for row in json.load(f)["rows"]}
+  label = c.reduce + evaluation.FINE_TUNED
+  assert label in rows and rows[label]["gflops"] < rows["dense"]["gflops"]
+  assert evaluation.family(label) == "dynamicvit (fine-tuned)" and evaluation.family("tome:r=4") == "tome"

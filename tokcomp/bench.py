@@ -77,22 +77,24 @@ class Timing:
 
 
 def time_models(models: dict[str, vit.ViT], params, images: jax.Array, *, warmup: int = 3, runs: int = 30,
-                log=print) -> dict[str, Timing]:
+                log=print, params_by_name: dict | None = None) -> dict[str, Timing]:
   """Compiles each model's forward once, warms it up, then times `runs` calls of each, interleaved round-robin
-  so that drift in machine speed is shared by all models. Returns {name: Timing}."""
-  out = {}
+  so that drift in machine speed is shared by all models. Returns {name: Timing}. `params_by_name` gives some
+  models their own weights (fine-tuned learned reducers); the others use `params`."""
+  out, weights = {}, {}
   for name, model in models.items():
+    weights[name] = (params_by_name or {}).get(name, params)
     fn = jax.jit(lambda p, x, m=model: m.apply(p, x)[0])
     t0 = time.perf_counter()
-    compiled = fn.lower(params, images).compile()
+    compiled = fn.lower(weights[name], images).compile()
     out[name] = Timing(compiled, time.perf_counter() - t0, [])
     for _ in range(warmup):
-      jax.block_until_ready(compiled(params, images))
+      jax.block_until_ready(compiled(weights[name], images))
     log(f"compiled {name}: {out[name].compile_s:.1f}s")
   for _ in range(runs):
-    for t in out.values():
+    for name, t in out.items():
       t0 = time.perf_counter()
-      jax.block_until_ready(t.compiled(params, images))
+      jax.block_until_ready(t.compiled(weights[name], images))
       t.times.append(time.perf_counter() - t0)
   return out
 

@@ -67,18 +67,29 @@ class SweepRow:
   valid_tokens: float = 0.0  # mean valid slots after the last block (< the static count only for masked methods)
 
 
+FINE_TUNED = " [fine-tuned]"  # the label suffix of rows whose model was fine-tuned with its reducer
+
+
 def sweep(model: vit.ViT, params, source, specs: Sequence[str], *, batch: int, mean=(0.5,), std=(0.5,),
           limit: int | None = None, image_size: int | None = None, runs: int = 10, warmup: int = 2,
-          log=print) -> list[SweepRow]:
-  """Evaluates `model` (dense weights) under every reducer spec, training-free. The first row is dense."""
+          log=print, fine_tuned: Sequence[tuple[str, Any]] = ()) -> list[SweepRow]:
+  """Evaluates `model` (dense weights) under every reducer spec, training-free. The first row is dense.
+  fine_tuned: (spec, params) pairs of models fine-tuned with their reducer (learned reducers, or training-free
+  ones trained in), measured in the same run and labelled "<spec> [fine-tuned]"."""
   specs = ["dense"] + [s for s in specs if s not in ("dense", "none", "")]
   models = {s: model.clone(reduce=None if s == "dense" else s) for s in specs}
+  own = {}
+  for spec, p in fine_tuned:
+    models[spec + FINE_TUNED] = model.clone(reduce=spec)
+    own[spec + FINE_TUNED] = p
   timing_batch = next(data.eval_batches(source, batch=batch, mean=mean, std=std, image_size=image_size))["image"]
   image_hw, channels = timing_batch.shape[1:3], timing_batch.shape[3]
-  timings = bench.time_models(models, params, jnp.asarray(timing_batch), warmup=warmup, runs=runs, log=log)
+  timings = bench.time_models(models, params, jnp.asarray(timing_batch), warmup=warmup, runs=runs, log=log,
+                              params_by_name=own)
   rows = []
   for s, m in models.items():
-    acc = accuracy(m, params, source, batch=batch, mean=mean, std=std, limit=limit, image_size=image_size)
+    acc = accuracy(m, own.get(s, params), source, batch=batch, mean=mean, std=std, limit=limit,
+                   image_size=image_size)
     _, counts = m.plan(image_hw)
     rows.append(SweepRow(reducer=s, accuracy=acc["accuracy"], gflops=m.flops(image_hw, channels) / 1e9,
                          flop_ratio=0.0, img_s=batch / timings[s].median_s, speedup=0.0,
@@ -90,7 +101,9 @@ def sweep(model: vit.ViT, params, source, specs: Sequence[str], *, batch: int, m
 
 
 def family(spec: str) -> str:
-  return spec.split(":")[0]
+  """The method of a row: "tome:r=8" -> "tome"; a fine-tuned row is its own family, "tome (fine-tuned)"."""
+  name = spec.split(":")[0].removesuffix(FINE_TUNED)
+  return name + " (fine-tuned)" if spec.endswith(FINE_TUNED) else name
 
 
 def best_at_flops(rows: Sequence[SweepRow], targets: Sequence[float]) -> dict[str, list[tuple[str, float]]]:
@@ -121,7 +134,8 @@ def write_sweep(rows: Sequence[SweepRow], workdir: str, title: str, name: str = 
   payload = {"title": title, "device": device, "date": date, "jax": jax.__version__,
              "rows": [dataclasses.asdict(r) for r in rows]}
   md = (f"{title}\n\nDevice: {device}. Date: {date}. JAX {jax.__version__}. Training-free: one checkpoint, "
-        f"reducers applied at evaluation. FLOP ratio = dense / reduced GFLOPs; valid = mean valid tokens after "
+        f"reducers applied at evaluation; rows marked [fine-tuned] are models fine-tuned with their reducer. "
+        f"FLOP ratio = dense / reduced GFLOPs; valid = mean valid tokens after "
         f"the last block (below the static count only for masked methods such as ATS).\n\n"
         f"| reducer | accuracy | GFLOPs | FLOP ratio | img/s | speedup | tokens after each block | valid |\n"
         f"|---|---|---|---|---|---|---|---|\n")
