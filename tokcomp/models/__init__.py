@@ -4,9 +4,9 @@
 its config as keyword arguments plus `reduce` and `dtype`, is called as `model.apply(params, images, train=...)`
 -> (logits, aux), and offers `plan(image_hw)` (per-block static counts) and `flops(image_hw, in_channels)`.
 """
-from tokcomp.models import vit
+from tokcomp.models import lookupvit, vit
 
-MODELS = {"vit": vit.ViT}
+MODELS = {"vit": vit.ViT, "lookupvit": lookupvit.LookupViT}
 
 
 def get(name: str):
@@ -15,4 +15,4 @@ def get(name: str):
   return MODELS[name]
 
 
-__all__ = ["vit", "get", "MODELS"]
+__all__ = ["vit", "lookupvit", "get", "MODELS"]
