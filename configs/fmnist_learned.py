@@ -27,22 +27,32 @@ METHODS = {
     # keep 0.55 at blocks 1, 3, 4: 51 % FLOPs at the end of the anneal.
     "evit": dict(reduce="evit:keep={keep},layers=1-3-4", runlocal="evit:keep={keep},layers=1", base=0.55,
                  anneal=dict(start=0.1, steps=0.5, stages=6), distill=dict(logits=0.5, tokens=0.0)),
-    # ρ = 0.68 at blocks 1, 3, 4 (the paper's 3-6-9 of 12, scaled): 196 -> 133 -> 90 -> 61 patches, 51 % FLOPs.
     # DiffRate's search: only the rate logits train (the ViT is frozen), AdamW at the reference's arch-lr 0.01,
     # no weight decay, the FLOPs loss on the ratio to dense; writes workdir/compression_rate.json, which
     # `diffrate:schedule=` then runs training-free.
     "diffrate_search": dict(reduce="diffrate_search", runlocal="diffrate_search", distill=None,
                             overrides=dict(train_only="diffrate_search", lr=0.01, weight_decay=0.0,
                                            flops_target=dict(ratio=0.5, weight=5.0 * 4.6 ** 2))),
-    "dynamicvit": dict(reduce="dynamicvit:keep=0.68", runlocal="dynamicvit:keep=0.7,layers=1",
+    # ρ = 0.62 at blocks 1, 3, 4 (the paper's 3-6-9 of 12, scaled): 196 -> 121 -> 75 -> 46 patches, 50 % FLOPs
+    # with the three predictors (5 % of them).
+    "dynamicvit": dict(reduce="dynamicvit:keep=0.62", runlocal="dynamicvit:keep=0.7,layers=1",
                        distill=dict(logits=0.5, tokens=0.5)),
     # M = 8 merged tokens (the paper's default) before block 3 of 6 (halfway): 196 -> 8 patches, 52 % FLOPs.
     "patchmerger": dict(reduce="patchmerger:tokens=8,layer=3", runlocal="patchmerger:tokens=8,layer=1",
                         distill=dict(logits=0.5, tokens=0.0)),
-    # TSM with ρ = 0.55 before blocks 2, 3, 4: 196 -> 107 -> 59 -> 32 tokens, 49 % FLOPs (logits distillation only;
-    # SiT's FRD token distillation needs full-length outputs).
-    "sit": dict(reduce="sit:keep=0.55,layers=2-3-4", runlocal="sit:keep=0.5,layers=1",
+    # TSM with ρ = 0.5 before blocks 2, 3, 4: 196 -> 98 -> 49 -> 24 tokens, 50 % FLOPs with the TSMs (logits
+    # distillation only; SiT's FRD token distillation needs full-length outputs).
+    "sit": dict(reduce="sit:keep=0.5,layers=2-3-4", runlocal="sit:keep=0.5,layers=1",
                 distill=dict(logits=0.5, tokens=0.0)),
+    # M = 25 semantic tokens (5 x 5 max-pool init) before block 2 of 6, the generation layers at the ViT's heads
+    # and MLP ratio: 196 -> 25 patches, 49.5 % FLOPs (40 % for the blocks, 9.5 % for the two generation layers,
+    # which ViT.flops counts). Logits distillation only (the sequence is short in training).
+    "stvit": dict(reduce="stvit:tokens=25,layer=2,heads=3,mlp_ratio=2",
+                  runlocal="stvit:tokens=16,layer=1,heads=2,mlp_ratio=2", distill=dict(logits=0.5, tokens=0.0)),
+    # S = 8 learned tokens (scenic's EncoderMod default) before block 3 of 6 (halfway): 196 -> 8 patches, 53 %
+    # FLOPs with its scoring MLP (logits distillation only: the sequence is short in training too).
+    "tokenlearner": dict(reduce="tokenlearner:tokens=8,layer=3", runlocal="tokenlearner:tokens=8,layer=1",
+                         distill=dict(logits=0.5, tokens=0.0)),
 }
 
 

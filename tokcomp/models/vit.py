@@ -197,11 +197,20 @@ class ViT(nn.Module):
     return schedules.resolve(steps, self.num_prefix + gh * gw, self.num_prefix)
 
   def flops(self, image_hw: Sequence[int], in_channels: int = 3) -> float:
-    """Analytic forward FLOPs per image (see `schedules.vit_flops`)."""
+    """Analytic forward FLOPs per image (see `schedules.vit_flops`), plus the own layers of learned reducers
+    that declare them (`Method.flops`)."""
     gh, gw = self.grid(image_hw)
-    _, counts = self.plan(image_hw)
-    return schedules.vit_flops(counts, self.width, self.mlp_dim, tuple(self.patch_size), gh * gw,
-                               self.num_classes, in_channels)
+    steps, counts = self.plan(image_hw)
+    flops = schedules.vit_flops(counts, self.width, self.mlp_dim, tuple(self.patch_size), gh * gw,
+                                self.num_classes, in_channels)
+    n = self.num_prefix + gh * gw
+    for step in steps:  # learned reducers' own layers (STViT's generation layers), counted where they run
+      if step is not None:
+        method = reducers.get(step.method)
+        if method.flops is not None:
+          flops += method.flops(step.config, n, self.num_prefix, self.width)
+        n = method.out_count(step.config, n, self.num_prefix)
+    return flops
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:

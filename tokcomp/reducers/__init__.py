@@ -37,6 +37,8 @@ class Method:
   #                                               signals, train=...) -> tokens; `reduce` is then None
   bind: Callable[[Any, int, int], Any] = lambda config, n0, p: config  # see the model's input count N0 first
   export: Callable[..., Any] | None = None       # after training: export(params, model, workdir, image_hw)
+  flops: Callable[[Any, int, int, int], float] | None = None  # own FLOPs (config, n in, protected, width):
+  #                                               learned layers that `schedules.vit_flops` cannot see (STViT)
 
   def __post_init__(self):
     if (self.reduce is None) == (self.module is None):

@@ -119,6 +119,12 @@ class DynamicViT(nn.Module):
     return tokens.replace(policy=policy)
 
 
+def predictor_flops(config: Config, n: int, protected: int, width: int) -> float:
+  """The predictor's FLOPs on the n - P patches it scores (2 per multiply-add): C², C²/2, C²/8 and C/2 per token."""
+  c = width
+  return 2.0 * (n - protected) * (c * c + c * (c // 2) + (c // 2) * (c // 4) + (c // 4) * 2)
+
+
 reducers.register(reducers.Method(
     name="dynamicvit", reduce=None, module=DynamicViT, signals=(), build=build, out_count=out_count,
-    resolve=resolve, bind=bind, example="dynamicvit:keep=0.7,layers=1-2"))
+    resolve=resolve, bind=bind, flops=predictor_flops, example="dynamicvit:keep=0.7,layers=1-2"))
