@@ -30,7 +30,7 @@ Parity: tests/goldens/diffrate_search_cls50.npz (tools/goldens/make_diffrate_sea
 Where we differ from the reference, on purpose:
   * The FLOPs loss is on the ratio to the dense FLOPs (FLOPs = 2 MACs, schedules.vit_flops), not on GMACs:
     weight = 5 * 4.6^2 (train.py's default) is the reference's λ = 5 at DeiT-S's 4.6 GMACs, in those units.
-  * The token count entering a block is the rounded sum of the keep policy (the reference truncates
+  * The token count entering a block is the rounded sum of the keep policy, per example (the reference truncates
     `mask[0].sum().int()`, which a float sum of 1 - π + π can put one below the count).
   * Tokens whose CLS attention ties exactly (the masked ones) may sort in another order than torch's unstable
     sort; they are masked, so only their slots differ, not the kept tokens or the logits.
@@ -78,7 +78,8 @@ def kept_and_probability(logits: jax.Array, cand: np.ndarray, n: int) -> tuple[j
 
 
 def step_mask(kept: jax.Array, prob: jax.Array, upto: jax.Array) -> jax.Array:
-  """[n]: 0 on sorted positions [int(K), U), 1 elsewhere, with π's straight-through gradient (eq. 8)."""
+  """[..., n]: 0 on sorted positions [int(K), U), 1 elsewhere, with π's straight-through gradient (eq. 8).
+  U may be per example ([B, 1]); K and π are shared by the batch."""
   j = jnp.arange(prob.shape[0])
   hard = jnp.where((j >= jnp.floor(kept)) & (j < upto), 0.0, 1.0)
   return hard - jax.lax.stop_gradient(prob) + prob
@@ -109,20 +110,22 @@ class DiffRateSearch(nn.Module):
     tokens = tokens.gather(order)
     alive = tokens.keep_weight()  # [B, N]: the policy (train) or the mask
     n = tokens.n
-    upto = jnp.round(jax.lax.stop_gradient(jnp.sum(alive[0])))  # tokens alive entering this step
+    # Tokens alive entering this step, per example (the same for every row: the masks are positional; the
+    # reference reads row 0, which would tie the rows together under batch sharding).
+    upto = jnp.round(jax.lax.stop_gradient(jnp.sum(alive, axis=1, keepdims=True)))  # [B, 1]
 
     kept_p, prob_p = kept_and_probability(prune_logits, cand, n)
-    alive = jnp.where(kept_p < upto, alive * step_mask(kept_p, prob_p, upto)[None], alive)
+    alive = jnp.where(kept_p < upto, alive * step_mask(kept_p, prob_p, upto), alive)
     mid = jnp.minimum(upto, jnp.floor(kept_p))
 
     kept_m, prob_m = kept_and_probability(merge_logits, cand, n)
-    merging = kept_m < mid
+    merging = kept_m < mid                                               # [B, 1]
     j = jnp.arange(n)
-    is_src = merging & (j >= jnp.floor(kept_m)) & (j < mid)            # [N]
+    is_src = merging & (j >= jnp.floor(kept_m)) & (j < mid)            # [B, N]
     is_dst = (j >= 1) & (j < jnp.floor(kept_m))                          # never the class token
     metric = merge_ops.normalize(jax.lax.stop_gradient(tokens.x))
     sim, partner = merge_ops.best_match(metric, metric, jnp.broadcast_to(~is_dst, (tokens.batch, n)))
-    src = jnp.broadcast_to(is_src, sim.shape)
+    src = is_src
     dest = jnp.where(src, partner, jnp.arange(n)[None])                  # sources -> partner, others stay
     count = batched_scatter(jnp.zeros((tokens.batch, n)), dest, jnp.where(src, 1.0, 0.0), "add")
     x_sum = batched_scatter(jnp.zeros_like(tokens.x), dest, jnp.where(src[..., None], tokens.x, 0), "add")
@@ -132,10 +135,10 @@ class DiffRateSearch(nn.Module):
     size = jnp.where((j < mid) & merging, jnp.maximum(size, 1.0), size)
     size_sum = batched_scatter(jnp.zeros_like(size), dest, jnp.where(src, size, 0.0), "add")
     size = jnp.where(is_dst_b & merging, size + size_sum, size)
-    alive = jnp.where(merging, alive * step_mask(kept_m, prob_m, mid)[None], alive)
+    alive = jnp.where(merging, alive * step_mask(kept_m, prob_m, mid), alive)
 
     # The surviving count for the FLOPs: min of the three values, gradient to both rates (STE_Min).
-    n_out = jnp.minimum(upto, jnp.minimum(kept_p, kept_m))
+    n_out = jnp.mean(jnp.minimum(upto, jnp.minimum(kept_p, kept_m)))  # rows agree; only the loss reads it
     n_out = jax.lax.stop_gradient(n_out) + (kept_p - jax.lax.stop_gradient(kept_p)) + (
         kept_m - jax.lax.stop_gradient(kept_m))
     tokens = tokens.replace(x=x.astype(tokens.x.dtype), size=size)
