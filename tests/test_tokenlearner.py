@@ -140,6 +140,30 @@ def test_placement_in_the_vit():
   assert_close(blocks[2].x, expect.x, rtol=1e-5, atol=1e-5)
 
 
+def test_fuser_wraps_the_block():
+  """"wrap" from block l on (the reference's EncoderModFuser): learner -> the block on prefix + S -> fuser, and
+  the sequence is N again after every block."""
+  from tokcomp.reducers.tokenfuser import TokenFuser
+  model = tiny_vit(reduce="tokenfuser:tokens=5,layer=2")
+  _, counts = model.plan((56, 56))
+  assert [(c.n_attn, c.n_mlp) for c in counts] == [(50, 50), (50, 50), (6, 6), (6, 6)]
+  params = random_params(model)
+  logits, aux, blocks = run_with_blocks(model, params, images())
+  assert np.isfinite(np.asarray(logits)).all() and aux["tokens"].n == 50 and blocks[2].n == 50
+  for i in (2, 3):
+    block_params = params["params"]["Transformer"][f"encoderblock_{i}"]
+    own = block_params["tokenfuser"]
+    dense_params = {k: v for k, v in block_params.items() if k != "tokenfuser"}
+    learner, block = TokenLearner(Config(num_tokens=5)), Encoder1DBlock(num_heads=2, mlp_dim=128)
+
+    def expected(t):
+      y = block.apply({"params": dense_params}, learner.apply({"params": own["learner"]}, t, Signals()))
+      fused = TokenFuser().apply({"params": own["fuser"]}, y.x[:, 1:], t.x[:, 1:])
+      return jnp.concatenate([y.x[:, :1], t.x[:, 1:] + fused], axis=1)
+    assert_close(blocks[i].x, jax.jit(expected)(blocks[i - 1]), rtol=1e-5, atol=1e-5, err_msg=f"block {i}")
+    np.testing.assert_array_equal(blocks[i].index, blocks[i - 1].index)  # the slots are the input's again
+
+
 def test_whole_model_compiles_once_and_trains_with_gradients():
   model = tiny_vit(reduce="tokenlearner:tokens=7,layer=1,slot=mid")
   _, counts = model.plan((56, 56))

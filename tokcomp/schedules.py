@@ -17,7 +17,8 @@ class Step:
   method: str
   config: Any
   slot: str = "mid"  # "mid": after attention, before the MLP (ToMe/EViT); "pre": before the block (DynamicViT);
-  # "ahead" / "post": before the block with its own attention / after the MLP (MCTF, see models/vit.py)
+  # "ahead" / "post": before the block with its own attention / after the MLP (MCTF, see models/vit.py);
+  # "wrap": the block runs on the step's output and the step maps it back after (TokenLearner + TokenFuser)
 
 
 Schedule = tuple  # tuple[Step | None, ...], one entry per block
@@ -103,6 +104,10 @@ def resolve(schedule: Schedule, n0: int, num_protected: int) -> tuple[Schedule, 
       if step is not None:
         n = method.out_count(step.config, n, num_protected)
     steps.append(step)
+    if step is not None and step.slot == "wrap":  # the block runs at the inner count; N again after it
+      counts.append(LayerCounts(n_attn=n, n_mlp=n))
+      n = n_attn
+      continue
     counts.append(LayerCounts(n_attn=n_attn, n_mlp=n) if step is None or step.slot == "mid"
                   else LayerCounts(n_attn=n_attn, n_mlp=n_attn) if step.slot == "post"  # reduces after the MLP
                   else LayerCounts(n_attn=n, n_mlp=n))

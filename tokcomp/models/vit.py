@@ -65,6 +65,8 @@ class MlpBlock(nn.Module):
 class Encoder1DBlock(nn.Module):
   """Pre-LN block: x += Attn(LN x); [mid reducer]; x += MLP(LN x). A "pre" reducer runs before it all.
 
+  A "wrap" step (TokenLearner + TokenFuser) turns the tokens into its own before the block and maps the
+  block's output back after it (`module.fuse(out, original)`).
   Two more slots for MCTF (Lee et al. 2024): "post" runs after the MLP with this block's attention signals;
   "ahead" runs before the block with the signals of this block's own attention on the incoming tokens (the
   attention "one step ahead"), called as `reduce(tokens, signals, config=..., fuse_attention=True)` and returning
@@ -90,7 +92,11 @@ class Encoder1DBlock(nn.Module):
     attention = Attention(self.num_heads, implementation=self.attn_impl, dtype=self.dtype,
                           name="MultiHeadDotProductAttention_0")
     probs = None  # attention probabilities an "ahead" reducer hands back for this block to apply
-    if step is not None and step.slot == "pre":
+    wrap, original = None, tokens
+    if step is not None and step.slot == "wrap":  # the block runs on the step's tokens, mapped back after it
+      wrap = reducers.module(step, name=step.method)
+      tokens = wrap(tokens, Signals(), train=train)
+    elif step is not None and step.slot == "pre":
       tokens = self._reduce(step, tokens, Signals(), train)
     elif step is not None and step.slot == "ahead":  # reads this block's own attention on the incoming tokens
       bias = jnp.log(jnp.maximum(tokens.size, 1e-6)) if self.prop_attn else None
@@ -113,6 +119,8 @@ class Encoder1DBlock(nn.Module):
     tokens = tokens.replace(x=tokens.x + y)
     if post is not None:
       tokens = self._reduce(post, tokens, signals, train)
+    if wrap is not None:
+      tokens = wrap.fuse(tokens, original)
     return tokens
 
 
@@ -209,7 +217,8 @@ class ViT(nn.Module):
         method = reducers.get(step.method)
         if method.flops is not None:
           flops += method.flops(step.config, n, self.num_prefix, self.width)
-        n = method.out_count(step.config, n, self.num_prefix)
+        if step.slot != "wrap":  # a wrapping step gives the sequence back at its length
+          n = method.out_count(step.config, n, self.num_prefix)
     return flops
 
   @nn.compact
