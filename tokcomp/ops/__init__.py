@@ -1,4 +1,5 @@
-"""Shared primitives that reducers are built from: selection, matching/merging, pooling."""
-from tokcomp.ops import merge, pool, select
+"""Shared primitives that reducers are built from: selection and sampling, matching/merging, pooling, soft
+transforms and aggregation, graphs and clustering."""
+from tokcomp.ops import aggregate, cluster, graph, merge, pool, sample, scored_matching, select, transform
 
-__all__ = ["merge", "pool", "select"]
+__all__ = ["aggregate", "cluster", "graph", "merge", "pool", "sample", "scored_matching", "select", "transform"]
