@@ -108,7 +108,7 @@ def test_errors():
     tiny_vit(reduce="dynamicvit:keep=1.5").plan((56, 56))
   with pytest.raises(ValueError, match=r"unknown argument"):
     tiny_vit(reduce="dynamicvit:keep=0.5,rate=3").plan((56, 56))
-  with pytest.raises(ValueError, match=r"keeps int\(49 \* 0.0001\) = 0 patches: must be in \[1, 49\]"):
+  with pytest.raises(ValueError, match=r"keeps int\(49 \* 0.0001\^1\) = 0 tokens: must be in \[1, 49\]"):
     tiny_vit(reduce="dynamicvit:keep=0.0001,layers=1").plan((56, 56))
   model = tiny_vit(reduce="topk:keep=0.7,layers=0+dynamicvit:keep=0.7,layers=2")
   params = random_params(model)

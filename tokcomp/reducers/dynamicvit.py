@@ -19,62 +19,35 @@ Parity: tests/goldens/dynamicvit_*.npz (tools/goldens/make_dynamicvit.py, raoyon
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tokcomp import reducers, schedules
+from tokcomp import reducers
 from tokcomp.attention import Signals
 from tokcomp.ops import select
+from tokcomp.reducers import staged
 from tokcomp.tokens import Tokens
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  keep: float               # ρ^s: the fraction of the initial patches kept after this stage
-  stage: int                # s, 1-based
-  num_stages: int           # S
+class Config(staged.StagedConfig):
+  method: ClassVar[str] = "dynamicvit"
   ratio_weight: float = 2.0  # the reference's --ratio_weight default for DeiT
-  num_patches: int | None = None  # N0, bound from the model's input when the schedule is planned
-
-  def kept(self) -> int:
-    if self.num_patches is None:
-      raise ValueError("dynamicvit: the config is not bound to a model yet (plan the schedule first)")
-    return int(self.num_patches * self.keep)
 
 
 def build(args, depth):
   args = reducers.check_args("dynamicvit", args, {"keep": None, "layers": None, "ratio_weight": 2.0})
-  rho = args["keep"]
-  if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho <= 1.0:
-    raise ValueError(f"dynamicvit keep={rho!r}: must be the per-stage keep ratio ρ in (0, 1]")
+  rho = staged.check_rate("dynamicvit", args["keep"])
   layers = args["layers"]
   if layers is None:  # the paper's 3-6-9 of 12, scaled to the depth
     layers = sorted({max(1, depth * s // 4) for s in (1, 2, 3)} & set(range(depth)))
-  layers = schedules.parse_layers(layers, depth, "dynamicvit layers")
   w = args["ratio_weight"]
   if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
     raise ValueError(f"dynamicvit ratio_weight={w!r}: must be a number >= 0")
-  stage = {l: s + 1 for s, l in enumerate(layers)}
-  return tuple(schedules.Step("dynamicvit", Config(float(rho) ** stage[i], stage[i], len(layers), float(w)),
-                              slot="pre") if i in stage else None for i in range(depth))
-
-
-def bind(config: Config, n0: int, protected: int) -> Config:
-  return dataclasses.replace(config, num_patches=n0 - protected)
-
-
-def resolve(config: Config, n: int, protected: int) -> Config:
-  k = config.kept()
-  if not 1 <= k <= n - protected:
-    raise ValueError(f"dynamicvit stage {config.stage} keeps int({config.num_patches} * {config.keep:.4g}) = {k} "
-                     f"patches: must be in [1, {n - protected}] (the patches entering the block)")
-  return config
-
-
-def out_count(config: Config, n: int, protected: int) -> int:
-  return protected + config.kept()
+  return staged.build(Config, rho, layers, depth, ratio_weight=float(w))
 
 
 class Predictor(nn.Module):
@@ -126,5 +99,5 @@ def predictor_flops(config: Config, n: int, protected: int, width: int) -> float
 
 
 reducers.register(reducers.Method(
-    name="dynamicvit", reduce=None, module=DynamicViT, signals=(), build=build, out_count=out_count,
-    resolve=resolve, bind=bind, flops=predictor_flops, example="dynamicvit:keep=0.7,layers=1-2"))
+    name="dynamicvit", reduce=None, module=DynamicViT, signals=(), build=build, out_count=staged.out_count,
+    resolve=staged.resolve, bind=staged.bind, flops=predictor_flops, example="dynamicvit:keep=0.7,layers=1-2"))

@@ -37,27 +37,22 @@ Deliberate differences from the reference: its training adds the FRD objective (
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tokcomp import reducers, schedules
+from tokcomp import reducers
 from tokcomp.attention import Signals
 from tokcomp.ops.aggregate import aggregate_flops, aggregate_reducible
+from tokcomp.reducers import staged
 from tokcomp.tokens import Tokens
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  keep: float                     # per-stage keep ratio ρ
-  stage: int                      # s, 1-based
-  hidden: float = 0.5             # MLP hidden width / D
-  num_patches: int | None = None  # N0, bound from the model's input when the schedule is planned
-
-  def kept(self) -> int:
-    if self.num_patches is None:
-      raise ValueError("sit: the config is not bound to a model yet (plan the schedule first)")
-    return int(self.num_patches * self.keep ** self.stage)
+class Config(staged.StagedConfig):
+  method: ClassVar[str] = "sit"
+  hidden: float = 0.5  # MLP hidden width / D
 
 
 def default_layers(depth: int) -> list[int]:
@@ -67,35 +62,12 @@ def default_layers(depth: int) -> list[int]:
 
 def build(args, depth):
   args = reducers.check_args("sit", args, {"keep": 0.5, "layers": None, "hidden": 0.5})
-  keep = args["keep"]
-  if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-    raise ValueError(f"sit keep={keep!r}: must be the per-stage keep ratio in (0, 1]")
+  keep = staged.check_rate("sit", args["keep"])
   hidden = args["hidden"]
   if isinstance(hidden, bool) or not isinstance(hidden, (int, float)) or not 0.0 < hidden <= 4.0:
     raise ValueError(f"sit hidden={hidden!r}: must be the MLP's hidden width as a fraction of D, in (0, 4]")
-  layers = args["layers"]
-  layers = schedules.parse_layers(default_layers(depth) if layers is None else layers, depth, "sit layers")
-  if not layers:
-    raise ValueError(f"sit layers: no block to slim at depth {depth}; give layers=...")
-  stage = {l: s + 1 for s, l in enumerate(layers)}
-  return tuple(schedules.Step("sit", Config(float(keep), stage[i], float(hidden)), slot="pre") if i in stage
-               else None for i in range(depth))
-
-
-def bind(config: Config, n0: int, protected: int) -> Config:
-  return dataclasses.replace(config, num_patches=n0 - protected)
-
-
-def resolve(config: Config, n: int, protected: int) -> Config:
-  m = config.kept()
-  if not 1 <= m <= n - protected:
-    raise ValueError(f"sit stage {config.stage} keeps int({config.num_patches} * {config.keep:.4g}^{config.stage}) "
-                     f"= {m} tokens: must be in [1, {n - protected}] (the tokens entering the block)")
-  return config
-
-
-def out_count(config: Config, n: int, protected: int) -> int:
-  return protected + config.kept()
+  layers = default_layers(depth) if args["layers"] is None else args["layers"]
+  return staged.build(Config, keep, layers, depth, hidden=float(hidden))
 
 
 class TokenSlimming(nn.Module):
@@ -120,8 +92,8 @@ class TokenSlimming(nn.Module):
 
 
 reducers.register(reducers.Method(
-    name="sit", reduce=None, module=TokenSlimming, signals=(), build=build, out_count=out_count,
-    resolve=resolve, bind=bind, example="sit:keep=0.6,layers=1-2",
+    name="sit", reduce=None, module=TokenSlimming, signals=(), build=build, out_count=staged.out_count,
+    resolve=staged.resolve, bind=staged.bind, example="sit:keep=0.6,layers=1-2",
     # the TSM MLP D -> hD -> M per token, then the M weighted sums
     flops=lambda c, n, p, d: 2.0 * (n - p) * int(c.hidden * d) * (d + c.kept())
     + aggregate_flops(n - p, c.kept(), d)))
