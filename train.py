@@ -41,8 +41,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from tokcomp import data, evaluation, schedules
-from tokcomp import models
+from tokcomp import data, evaluation, models, reducers, schedules
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/train", "Checkpoints, metrics.jsonl and summary.json.")
@@ -291,7 +290,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.wait_until_finished()
 
   # Exports: a search writes what it found (DiffRate: workdir/compression_rate.json).
-  from tokcomp import reducers
   for method in {s.method for s in reducers.build_schedule(stages[-1][1], model.depth) if s is not None}:
     if reducers.get(method).export is not None and jax.process_index() == 0:
       print(f"{method}: wrote {reducers.get(method).export(state.params, model, workdir, image_hw)}", flush=True)

@@ -12,19 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from configs import fmnist_learned, fmnist_vit  # noqa: E402
+from configs import fmnist_learned  # noqa: E402
 from tokcomp import evaluation, reducers  # noqa: E402
 
 LEARNED = [n for n in reducers.names() if reducers.get(n).module is not None]
-
-
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("dense"))
-  c = fmnist_vit.get_config("runlocal")
-  c.steps = 1
-  train.train_and_evaluate(c, workdir)
-  return workdir
 
 
 def test_every_learned_reducer_has_a_config():

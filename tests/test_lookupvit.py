@@ -433,17 +433,6 @@ def test_batch_sharded_forward_equals_unsharded_without_collectives():
 
 # --- train.py on configs/fmnist_lookupvit.py ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory):
-  import train
-  from configs import fmnist_vit
-  workdir = str(tmp_path_factory.mktemp("dense"))
-  c = fmnist_vit.get_config("runlocal")
-  c.steps = 1
-  train.train_and_evaluate(c, workdir)
-  return workdir
-
-
 def test_train_py_runlocal_two_steps(tmp_path):
   import train
   from configs import fmnist_lookupvit
