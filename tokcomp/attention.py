@@ -81,12 +81,14 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array | None = None,
                signals: tuple[str, ...] = (), probs: jax.Array | None = None,
-               policy: jax.Array | None = None) -> tuple[jax.Array, Signals]:
+               policy: jax.Array | None = None, pair_mask: jax.Array | None = None) -> tuple[jax.Array, Signals]:
     """probs: attention probabilities [B, H, N, N] to apply to the values instead of softmax(QKᵀ/√d + bias)
     (MCTF's fused one-step-ahead attention); the signals still come from Q and K.
     policy: a training keep policy [B, N] (Tokens.policy): the attention becomes `softmax_with_policy` over the
     explicit scores (an O(N^2) product, training only), with invalid keys folded into the policy; the
-    cls_attn signal is then that attention's CLS row (DiffRate's search ranks by it)."""
+    cls_attn signal is then that attention's CLS row (DiffRate's search ranks by it).
+    pair_mask: [B or 1, N, N] bool, query i may attend key j (a causal mask, FlexTok's register masks); AND-ed
+    with the key mask. Not with `probs`/`policy`."""
     b, n, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"Attention.num_heads={self.num_heads} must divide the width {width}")
@@ -97,9 +99,15 @@ class Attention(nn.Module):
 
     key_mask = mask[:, None, None, :]  # [B, 1, 1, N]
     bias4 = None if bias is None else bias[:, None, None, :].astype(q.dtype)  # [B, 1, 1, N]
+    if pair_mask is not None:
+      if pair_mask.ndim != 3 or pair_mask.shape[1:] != (n, n) or pair_mask.shape[0] not in (1, b):
+        raise ValueError(f"Attention pair_mask shape {pair_mask.shape}: must be [B or 1, {n}, {n}]")
+      if probs is not None or policy is not None:
+        raise ValueError("Attention pair_mask cannot be combined with probs= or policy=")
+      key_mask = key_mask & pair_mask[:, None].astype(bool)  # [B, 1, N, N]
     # An all-masked row must stay finite: give such rows one visible key (their own first slot).
-    any_valid = jnp.any(mask, axis=1)
-    key_mask = key_mask | (~any_valid[:, None, None, None] & (jnp.arange(n) == 0))
+    any_valid = jnp.any(key_mask, axis=-1, keepdims=True)
+    key_mask = key_mask | (~any_valid & (jnp.arange(n) == 0))
     if policy is not None and probs is None:
       logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(head_dim)
       if bias is not None:
