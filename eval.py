@@ -4,6 +4,10 @@ Modes:
   eval    accuracy of the latest checkpoint in DIR/ckpt on the config's test split -> DIR/eval.json
   sweep   that checkpoint under every reducer in `config.sweep`, training-free -> DIR/sweep.{json,md,png}
   bench   time dense vs reduced ViTs on random weights (tokcomp.bench) -> DIR/bench.{json,md}
+  recon   a trained 1D tokenizer (config.task = "reconstruct"): PSNR and SSIM on the test split at every kept
+          length 1..K (or config.eval_lengths) -> DIR/recon.{json,md,png}, and DIR/recon_grid.png
+  compare the recon.json of several runs (config.compare: workdirs joined by ';') in one table and plot
+          -> DIR/tokenizers.{json,md,png}
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/eval", "Where checkpoints are read and outputs written.")
-_MODE = flags.DEFINE_enum("mode", "eval", ["eval", "sweep", "bench"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "eval", ["eval", "sweep", "bench", "recon", "compare"], "What to run.")
 
 
 def run_bench(config, workdir: str) -> dict:
@@ -76,12 +80,59 @@ def run_sweep(config, workdir: str) -> dict:
   return payload
 
 
+def run_recon(config, workdir: str) -> dict:
+  import numpy as np
+  from tokcomp import data, evaluation, tokenizers
+  from tokcomp.tokenizers import evaluation as recon_eval
+  params, step = evaluation.restore_params(workdir)
+  model = tokenizers.get(config.model_name)(**config.model)
+  source = data.get_source(config.data.source, config.data.test_split)
+  k = model.num_latent_tokens
+  lengths = list(config.get("eval_lengths", None) or range(1, k + 1))
+  image_size = config.data.get("image_size", None)
+  curve = recon_eval.length_curve(model, params, source, lengths, batch=config.eval_batch,
+                                  limit=config.get("eval_limit", None), image_size=image_size)
+  label = config.get("label", "") or config.model_name
+  title = f"{label} (K = {k}) on {config.data.source} test, checkpoint step {step}"
+  payload = recon_eval.write_curves({label: curve}, workdir, title, extra={"step": step, "model": config.model.to_dict()})
+  shown = next(data.eval_batches(source, batch=8, mean=(0.0,), std=(1.0,), image_size=image_size))["image"]
+  grid_lengths = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n < k} | {k})
+  recon_eval.reconstruction_grid(model, params, np.asarray(shown), grid_lengths,
+                                 os.path.join(workdir, "recon_grid.png"), title)
+  with open(os.path.join(workdir, "recon.md")) as f:
+    print(f.read())
+  return payload
+
+
+def run_compare(config, workdir: str) -> dict:
+  from tokcomp.tokenizers import evaluation as recon_eval
+  runs = [r.strip() for r in config.get("compare", "").split(";") if r.strip()]
+  if len(runs) < 1:
+    raise ValueError("config.compare: give the workdirs of eval.py --mode=recon runs, joined by ';'")
+  curves, sources = {}, []
+  for run in runs:
+    path = os.path.join(run, "recon.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"config.compare entry {run!r}: no recon.json (run eval.py --mode=recon there first)")
+    with open(path) as f:
+      payload = json.load(f)
+    sources.append(f"{run}: {payload['title']} ({payload['device']}, {payload['date']})")
+    for name, rows in payload["curves"].items():
+      curves[name] = [recon_eval.CurveRow(**r) for r in rows]
+  title = config.get("title", "") or "1D tokenizers: reconstruction quality against tokens kept"
+  out = recon_eval.write_curves(curves, workdir, title, name="tokenizers", extra={"runs": sources})
+  with open(os.path.join(workdir, "tokenizers.md")) as f:
+    print(f.read())
+  return out
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     sys.exit("eval.py: --config is required, e.g. --config configs/bench_vit.py")
-  {"bench": run_bench, "eval": run_eval, "sweep": run_sweep}[_MODE.value](_CONFIG.value, _WORKDIR.value)
+  {"bench": run_bench, "eval": run_eval, "sweep": run_sweep, "recon": run_recon,
+   "compare": run_compare}[_MODE.value](_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ evaluation. The work is in `train_and_evaluate(config, workdir)`, which tests an
   Learned reducers (DynamicViT, ...) add their parameters to the model and the loss terms they sow into the
   "losses" collection to the objective; `config.distill` adds DynamicViT-style distillation from a frozen dense
   teacher (KL on the logits and MSE on the kept final tokens, Rao et al. 2021 eqs. 12-13).
+- `config.task = "reconstruct"` trains a 1D tokenizer (`tokcomp.tokenizers`, `config.model_name` titok /
+  one_d_piece / flextok) on images in [0, 1]: its own loss terms (quantizer, flow matching) plus an L1/L2 pixel
+  loss (`config.recon_loss`, `config.recon_weight`) and an optional perceptual loss on a frozen ViT the user
+  supplies (`config.perceptual`); the run ends with PSNR / SSIM at a few kept lengths.
 - Orbax `CheckpointManager` in `workdir/ckpt`: keeps `config.keep_ckpts`, saves every `config.ckpt_every` steps
   and at the end, and resumes the model, optimiser and data iterator from the latest step.
 - Logs: `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb` (loss, lr, img/s, tokens per layer), and
@@ -22,6 +26,7 @@ evaluation. The work is in `train_and_evaluate(config, workdir)`, which tests an
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -41,7 +46,10 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from tokcomp import data, evaluation, models, reducers, schedules
+from tokcomp import data, evaluation, models, reducers, schedules, tokenizers
+from tokcomp.tokenizers import evaluation as recon_eval, losses as recon_losses
+
+TASKS = ("classify", "reconstruct")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/train", "Checkpoints, metrics.jsonl and summary.json.")
@@ -129,6 +137,13 @@ def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
+  task = config.get("task", "classify")
+  if task not in TASKS:
+    raise ValueError(f"config.task={task!r}: must be one of {TASKS}")
+  reconstruct = task == "reconstruct"
+  if reconstruct and (config.get("distill", None) or config.get("flops_target", None) or config.get("reduce")):
+    raise ValueError("config.task='reconstruct' trains a tokenizer: config.distill, config.flops_target and "
+                     "config.reduce apply to classifiers only")
   mesh = make_mesh(config)
   if config.batch % mesh.size:
     raise ValueError(f"config.batch={config.batch}: must be divisible by the {mesh.size} devices of the mesh")
@@ -136,7 +151,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Input.
   train_src = data.get_source(config.data.source, config.data.train_split)
   test_src = data.get_source(config.data.source, config.data.test_split)
-  mean, std = data.stats_for(config.data.source)
+  mean, std = ((0.0,), (1.0,)) if reconstruct else data.stats_for(config.data.source)  # tokenizers see [0, 1]
   image_size = config.data.get("image_size", None)  # None: the source's own (fixed) size
   loader = data.train_loader(train_src, global_batch=config.batch, seed=config.seed, image_size=image_size,
                              inception_crop=config.data.get("inception_crop", False),
@@ -148,12 +163,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Model.
   dtype = jnp.dtype(config.get("dtype", "float32"))
-  stages = reduce_stages(config)
-  model = models.get(config.get("model_name", "vit"))(**config.model, reduce=stages[-1][1], dtype=dtype)
-  # (the final stage is what is evaluated)
-  stage_models = {spec: model.clone(reduce=spec) for _, spec in stages}
-  tokens = {spec: [c.n_mlp for c in m.plan(image_hw)[1]] for spec, m in stage_models.items()}  # also checks every spec
-  num_classes = config.model["num_classes"]
+  if reconstruct:  # a 1D tokenizer: one stage; its "tokens per layer" is the latent sequence length K
+    model = tokenizers.get(config.model_name)(**config.model)
+    stages, stage_models = [(1, None)], {None: model}
+    tokens = {None: [model.num_latent_tokens]}
+    perceptual = perceptual_features(config.get("perceptual", None))
+  else:
+    stages = reduce_stages(config)
+    model = models.get(config.get("model_name", "vit"))(**config.model, reduce=stages[-1][1], dtype=dtype)
+    # (the final stage is what is evaluated)
+    stage_models = {spec: model.clone(reduce=spec) for _, spec in stages}
+    tokens = {spec: [c.n_mlp for c in m.plan(image_hw)[1]] for spec, m in stage_models.items()}  # checks every spec
+    num_classes = config.model["num_classes"]
 
   # Optimiser.
   decay_steps = max(config.steps, config.warmup_steps + 1)  # optax needs at least one step past warmup
@@ -170,6 +191,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Sharded state: parameters are created directly in their sharding.
   def init(rng):
     dummy = jnp.zeros((1, *image_hw, in_channels))
+    if reconstruct:
+      params = {"params": model.init({"params": rng, "token_drop": rng, "noise": rng}, dummy)["params"]}
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     params = {"params": model.clone(reduce=None).init(rng, dummy)["params"]}
     for m in stage_models.values():  # learned reducers add their own parameters (the same rng: the ViT's agree)
       params = merge_params(params, {"params": m.init(rng, dummy)["params"]})
@@ -208,6 +232,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def loss_fn(params):
       images = batch["image"].astype(dtype)
+      if reconstruct:
+        return reconstruction_objective(model, params, images, rng_model, config, perceptual)
       labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), config.label_smoothing)
       images, labels = data.mixup(rng_mix, images, labels, config.get("mixup", 0.0))
       (logits, aux), sown = model.apply(params, images, train=True, rngs={"gumbel": rng_model},
@@ -224,8 +250,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics = parts.pop("metrics", {})
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
-        "loss": loss, "grad_norm": optax.tree.norm(grads), **{f"loss_{k}": v for k, v in parts.items()}}
+        "loss": loss, "grad_norm": optax.tree.norm(grads), **{f"loss_{k}": v for k, v in parts.items()},
+        **{f"metric_{k}": v for k, v in metrics.items()}}
 
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
   step_fns = {spec: jax.jit(functools.partial(train_step, model=m),  # one compile per reduction stage
@@ -273,7 +301,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise FloatingPointError(f"loss is {loss} at step {step}")
       dt = time.perf_counter() - t_log
       row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(lr(step)),
-             **{k: float(v) for k, v in m.items() if k.startswith("loss_")},
+             **{k: float(v) for k, v in m.items() if k.startswith(("loss_", "metric_"))},
              "img_per_s": n_log / dt, "reduce": spec or "", "tokens_per_layer": tokens[spec]}
       if writer is not None:
         with open(metrics_path, "a") as f:
@@ -289,6 +317,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                               data=grain.PyGrainCheckpointSave(it)), force=step == config.steps)
   ckpt.wait_until_finished()
 
+  if reconstruct:
+    return finish_tokenizer(config, model, state.params, test_src, workdir, loss, image_size, int(state.step))
+
   # Exports: a search writes what it found (DiffRate: workdir/compression_rate.json).
   for method in {s.method for s in reducers.build_schedule(stages[-1][1], model.depth) if s is not None}:
     if reducers.get(method).export is not None and jax.process_index() == 0:
@@ -300,6 +331,60 @@ def train_and_evaluate(config, workdir: str) -> dict:
   summary = {"test_accuracy": acc["accuracy"], "test_examples": acc["examples"]}
   summary.update(steps=int(state.step), final_loss=loss, reduce=stages[-1][1] or "", tokens_per_layer=tokens[stages[-1][1]],
                  gflops=model.flops(image_hw, in_channels) / 1e9)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print(json.dumps(summary), flush=True)
+  return summary
+
+
+# --- the reconstruct task (1D tokenizers) ---------------------------------------------------------------------
+
+def perceptual_features(spec) -> recon_losses.ViTFeatures | None:
+  """`config.perceptual = dict(weights=W, model=dict(...ViT fields...), blocks=(1, 3), weight=0.1, source=S)`:
+  the frozen ViT whose features the perceptual loss compares (W: a train.py workdir or a timm / big_vision file;
+  S: the data source whose mean/std that ViT was trained with)."""
+  if not spec:
+    return None
+  for key in ("weights", "model"):
+    if key not in spec:
+      raise ValueError(f"config.perceptual.{key} is required, e.g. perceptual=dict(weights='benchmarks/fmnist_vit', "
+                       "model=dict(...the ViT's config.model...), blocks=(1, 3), weight=0.1)")
+  vit = models.get("vit")(**spec["model"])
+  fresh = jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 8 * vit.patch_size[0], 8 * vit.patch_size[1],
+                                                                 spec.get("in_channels", 1))))
+  params, missing = load_init(spec["weights"], jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), fresh))
+  if missing:
+    raise ValueError(f"config.perceptual.weights={spec['weights']!r} lacks ViT parameters: {missing[:5]}")
+  mean, std = data.stats_for(spec.get("source", "embedded:fashion_mnist"))
+  return recon_losses.ViTFeatures(vit, jax.tree_util.tree_map(jnp.asarray, params),
+                                  tuple(spec.get("blocks", (1, 3))), mean, std)
+
+
+def reconstruction_objective(model, params, images, rng, config, perceptual):
+  """The tokenizer's own loss terms (quantizer, flow matching, ...) + the pixel loss on its reconstruction
+  (`config.recon_loss`, weight `config.recon_weight`) + the optional perceptual loss."""
+  rng_drop, rng_noise = jax.random.split(rng)
+  out = model.apply(params, images, train=True, rngs={"token_drop": rng_drop, "noise": rng_noise})
+  parts = dict(out["losses"])
+  if out["recon"] is not None:
+    parts["recon"] = config.get("recon_weight", 1.0) * recon_losses.pixel_loss(
+        out["recon"], images, config.get("recon_loss", "l1"))
+    if perceptual is not None:
+      parts["perceptual"] = float(config.perceptual.get("weight", 0.1)) * recon_losses.perceptual_loss(
+          perceptual, out["recon"], images)
+  loss = sum(parts.values())
+  return loss, {**parts, "metrics": dict(out.get("metrics", {}))}
+
+
+def finish_tokenizer(config, model, params, test_src, workdir, loss, image_size, steps) -> dict:
+  """PSNR / SSIM on the test split at every `config.eval_lengths` (default: 1, K/4, K/2, K) -> summary.json."""
+  k = model.num_latent_tokens
+  lengths = sorted(set(config.get("eval_lengths", None) or (1, max(1, k // 4), max(1, k // 2), k)))
+  curve = recon_eval.length_curve(model, params, test_src, lengths, batch=config.get("eval_batch", config.batch),
+                                  limit=config.get("eval_limit", None), image_size=image_size)
+  summary = {"steps": steps, "final_loss": loss, "model_name": config.model_name,
+             "num_latent_tokens": k, "test_psnr": curve[-1].psnr, "test_ssim": curve[-1].ssim,
+             "curve": [dataclasses.asdict(r) for r in curve]}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary), flush=True)
