@@ -207,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Distillation teacher: the dense model on frozen weights (the init_from run's, or another file/workdir).
   distill = config.get("distill", None)
-  teacher, teacher_params, teacher_sharding = model.clone(reduce=None), None, None
+  teacher, teacher_params, teacher_sharding = None if reconstruct else model.clone(reduce=None), None, None
   if distill:
     source = distill.get("teacher", "init")
     source = init_from if source == "init" else source
