@@ -8,6 +8,8 @@ JSON object, {case: {...}}, on the last line of stdout; test_sharding.py asserts
                     unsharded forward; also the collectives in the compiled HLO
   reducer/<name>    each registered reducer alone, jitted with the batch sharded: its collectives (there should
                     be none: every reducer is per example) and sharded vs unsharded output
+  tokenizer/<name>  each 1D tokenizer's reconstruct (encode -> quantise -> decode) at a per-example [B] kept
+                    length, batch sharded vs unsharded, and its collectives (none: tokens never cross examples)
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ VIT_REDUCE = {"dense": None, "tome": "tome:r=4", "evit": "evit:keep=0.7,layers=1
               "gtp": "gtp:num_prop=5,layers=1-2",  # the encoder_input signal
               "dynamicvit": "dynamicvit:keep=0.7,layers=1-2"}  # a learned reducer: its own parameters
 BATCH, N, GRID = 8, 37, (6, 6)
+TOKENIZER_CASES = {"titok": "tokenizer=titok", "one_d_piece": "tokenizer=one_d_piece",
+                   "flextok_flow": "tokenizer=flextok,decoder=flow", "flextok_pixel": "tokenizer=flextok,decoder=pixel"}
 
 
 def collectives(hlo: str) -> list[str]:
@@ -100,6 +104,26 @@ def main() -> None:
     results[f"reducer/{name}"] = {
         **compare(out, ref), "collectives": collectives(compiled.as_text()),
         "example": method.example, "n_out": int(out.n), "x_shards": len(shards_of(out.x)),
+        "seconds": round(time.perf_counter() - t0, 2)}
+
+  # --- each 1D tokenizer: encode -> quantise -> decode at a per-example length ----------------------------------
+  from configs import fmnist_tokenizer
+  from tokcomp import tokenizers
+  images = jax.random.uniform(jax.random.key(3), (BATCH, 28, 28, 1))
+  for label, arg in TOKENIZER_CASES.items():
+    t0 = time.perf_counter()
+    config = fmnist_tokenizer.get_config(arg + ",runlocal")
+    model = tokenizers.get(config.model_name)(**config.model)
+    params = model.init({"params": jax.random.key(0), "token_drop": jax.random.key(1), "noise": jax.random.key(2)},
+                        images[:1])
+    lengths = 1 + jnp.arange(BATCH) % model.num_latent_tokens
+    fn = lambda p, x, n: model.apply(p, x, length=n, method=model.reconstruct)
+    ref = jax.jit(fn)(params, images, lengths)
+    sharded = jax.jit(fn, in_shardings=(repl, data, data), out_shardings=data)
+    compiled = sharded.lower(params, images, lengths).compile()
+    out = compiled(jax.device_put(params, repl), jax.device_put(images, data), jax.device_put(lengths, data))
+    results[f"tokenizer/{label}"] = {
+        **compare(out, ref), "collectives": collectives(compiled.as_text()), "x_shards": len(shards_of(out)),
         "seconds": round(time.perf_counter() - t0, 2)}
 
   print(json.dumps(results))

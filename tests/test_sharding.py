@@ -65,6 +65,17 @@ def test_reducer_has_no_collectives(results, label):
   assert r["collectives"] == [], f"{label} ({r['example']}): compiled HLO has {r['collectives']}"
 
 
+TOKENIZER_CASES = ["titok", "one_d_piece", "flextok_flow", "flextok_pixel"]  # sharding_check.TOKENIZER_CASES
+
+
+@pytest.mark.parametrize("label", [f"tokenizer/{c}" for c in TOKENIZER_CASES])
+def test_tokenizer_sharded_reconstruct_equals_unsharded(results, label):
+  r = results[label]
+  assert r["close"], f"{label}: sharded reconstruction differs (max |diff| {r['max_abs']:.3g})"
+  assert r["x_shards"] == 8
+  assert r["collectives"] == [], f"{label}: compiled HLO has {r['collectives']}"
+
+
 def test_sharding_check_is_fast(results):
   """A guard against blow-ups (a reducer that compiles for minutes), not a benchmark: alone on 2 idle cores the
   check takes ~35 s (15 reducers + 5 ViTs, 2026-11-22); beside the other pytest worker it takes 2-4x that."""
