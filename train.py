@@ -377,9 +377,10 @@ def reconstruction_objective(model, params, images, rng, config, perceptual):
 
 
 def finish_tokenizer(config, model, params, test_src, workdir, loss, image_size, steps) -> dict:
-  """PSNR / SSIM on the test split at every `config.eval_lengths` (default: 1, K/4, K/2, K) -> summary.json."""
+  """PSNR / SSIM on the test split at kept lengths 1, K/4, K/2 and K -> summary.json (eval.py --mode=recon
+  sweeps every length)."""
   k = model.num_latent_tokens
-  lengths = sorted(set(config.get("eval_lengths", None) or (1, max(1, k // 4), max(1, k // 2), k)))
+  lengths = sorted({1, max(1, k // 4), max(1, k // 2), k})
   curve = recon_eval.length_curve(model, params, test_src, lengths, batch=config.get("eval_batch", config.batch),
                                   limit=config.get("eval_limit", None), image_size=image_size)
   summary = {"steps": steps, "final_loss": loss, "model_name": config.model_name,

@@ -15,8 +15,9 @@ Args after the colon: tokenizer (titok | one_d_piece | flextok), source (embedde
 tfds:fashion_mnist), steps (3000), batch (128), lr (1e-3), seed, tokens (K, 32), decoder (FlexTok: flow |
 pixel), recon_loss (l1 | l2 | l1+l2), perceptual_vit ('': or a ViT workdir, e.g. benchmarks/fmnist_vit, whose
 blocks 1 and 3 give an LPIPS-style feature loss), compare (eval.py --mode=compare: workdirs joined by ';'),
-label (the curve's name in tables), runlocal (tiny model, 2 steps).
-All three share the encoder/decoder widths (128, 4 blocks each, 4 heads) and K. TiTok and One-D-Piece use a
+label (the curve's name in tables), width (128) and depth (4: blocks in the encoder and in the decoder),
+runlocal (tiny model, 2 steps).
+All three share the encoder/decoder width and depth (4 heads) and K. TiTok and One-D-Piece use a
 cosine VQ codebook of 1024 x 12; FlexTok uses FSQ [8, 8, 8, 5, 5, 5] as the paper.
 Expect: the measured table and plot are in benchmarks/fmnist_tokenizers/ (with device and date).
 """
@@ -27,13 +28,13 @@ MODELS = ("titok", "one_d_piece", "flextok")
 
 def get_config(arg: str | None = None):
   c = parse_arg(arg, tokenizer="titok", source="embedded:fashion_mnist", steps=3000, batch=128, lr=1e-3, seed=0,
-                tokens=32, decoder="flow", recon_loss="l1", perceptual_vit="", compare="", label="", runlocal=False)
+                tokens=32, decoder="flow", recon_loss="l1", perceptual_vit="", compare="", label="", width=128, depth=4, runlocal=False)
   if c.tokenizer not in MODELS:
     raise ValueError(f"configs/fmnist_tokenizer.py tokenizer={c.tokenizer!r}: must be one of {MODELS}")
   c.task = "reconstruct"
   c.model_name = c.tokenizer
   c.data = dict(source=c.source, train_split="train", test_split="test", crop_pad=0, flip=True)
-  width, depth, heads = (32, 1, 2) if c.runlocal else (128, 4, 4)
+  width, depth, heads = (32, 1, 2) if c.runlocal else (c.width, c.depth, 4)
   if c.model_name in ("titok", "one_d_piece"):
     c.model = dict(image_size=28, channels=1, patch_size=4, num_latent_tokens=c.tokens, token_size=12,
                    quantizer="vq", codebook_size=1024, use_l2_norm=True, commitment_cost=0.25,
@@ -56,7 +57,9 @@ def get_config(arg: str | None = None):
   c.ckpt_every = 500
   c.keep_ckpts = 2
   c.eval_batch = 250
-  c.eval_limit = 2000  # test images for PSNR/SSIM (each length is one forward pass over them)
+  c.eval_limit = 1000  # test images for PSNR/SSIM (each length is one forward pass over them)
+  k = c.tokens  # eval.py --mode=recon: these kept lengths (a flow decoder costs flow_steps passes per length)
+  c.eval_lengths = tuple(sorted({1, 2, 3, 4, 6} | {max(1, k * i // 8) for i in range(1, 9)}))
   if c.runlocal:
     c.model.update(num_latent_tokens=min(c.tokens, 8))
     if c.model_name == "flextok":
