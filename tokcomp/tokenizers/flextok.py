@@ -78,6 +78,7 @@ import numpy as np
 
 from tokcomp.attention import Attention
 from tokcomp.models.vit import MlpBlock
+from tokcomp.tokenizers.patches import patchify, unpatchify
 from tokcomp.tokenizers.quantizers import FSQ
 from tokcomp.tokenizers.transformer import Transformer, prefix_mask
 
@@ -89,20 +90,6 @@ TIME_SCALE = 1000.0      # t in [0, 1] is embedded as 1000 t (reference: 1000 / 
 
 
 # --- pure functions (the equations; tested against the reference and NumPy) ---------------------------------
-
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], patches row-major, each flattened as (py, px, c)."""
-  b, h, w, c = images.shape
-  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def unpatchify(patches: jax.Array, patch: int, h: int, w: int, c: int) -> jax.Array:
-  """Inverse of `patchify`: [B, (H/p)(W/p), p*p*C] -> [B, H, W, C]."""
-  b = patches.shape[0]
-  x = patches.reshape(b, h // patch, w // patch, patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
 
 def register_attention_mask(num_patches: int, num_registers: int) -> np.ndarray:
   """[N+K, N+K] bool, query i may attend key j, over the sequence [patches | registers]: patches see the

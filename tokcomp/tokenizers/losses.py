@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokcomp.tokenizers.quantizers import l2_normalize
+
 PIXEL_LOSSES = ("l1", "l2", "l1+l2")
 
 
@@ -53,7 +55,7 @@ class ViTFeatures:
 def perceptual_loss(features: ViTFeatures, recon: jax.Array, target: jax.Array) -> jax.Array:
   """Σ_l mean_{tokens, channels} (f̂_l - f_l)² over unit-normalised token features; the network is frozen."""
   params = jax.lax.stop_gradient(features.params)
-  unit = lambda f: f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-10)
+  unit = lambda f: l2_normalize(f, 1e-10)
   total = jnp.zeros((), jnp.float32)
   for a, b in zip(features(params, recon), features(params, jax.lax.stop_gradient(target))):
     total = total + jnp.mean(jnp.square(unit(a.astype(jnp.float32)) - unit(b.astype(jnp.float32))))

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 
 from tokcomp.attention import Implementation
 from tokcomp.tokenizers import maskgit_vqgan
+from tokcomp.tokenizers.patches import unpatchify
 from tokcomp.tokenizers.quantizers import FSQ, VectorQuantizer
 from tokcomp.tokenizers.transformer import Transformer, prefix_mask
 
@@ -158,7 +159,7 @@ class TiTokDecoder(nn.Module):
       x = jnp.tanh(nn.Dense(2 * w, dtype=self.dtype, name="ffn_0", **DENSE_INIT)(x))
       return nn.Dense(VQGAN_CODES, dtype=self.dtype, name="ffn_2", **DENSE_INIT)(x)  # [B, g, g, 1024]
     x = nn.Dense(p * p * c, dtype=self.dtype, name="ffn_0", **DENSE_INIT)(x)  # channels ordered (p1, p2, c)
-    x = x.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * p, g * p, c)
+    x = unpatchify(x.reshape(b, g * g, p * p * c), p, g * p, g * p, c)  # pixel shuffle
     return nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv_out", **DENSE_INIT)(x)
 
 
