@@ -8,6 +8,8 @@ Modes:
           length 1..K (or config.eval_lengths) -> DIR/recon.{json,md,png}, and DIR/recon_grid.png
   compare the recon.json of several runs (config.compare: workdirs joined by ';') in one table and plot
           -> DIR/tokenizers.{json,md,png}
+  vis     merge / prune maps of the trained checkpoint under every reducer in `config.vis` (';'-joined) on the
+          first `config.vis_images` test images (default 4), one panel per reducer stage -> DIR/vis_<name>.png
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/eval", "Where checkpoints are read and outputs written.")
-_MODE = flags.DEFINE_enum("mode", "eval", ["eval", "sweep", "bench", "recon", "compare"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "eval", ["eval", "sweep", "bench", "recon", "compare", "vis"], "What to run.")
 
 
 def run_bench(config, workdir: str) -> dict:
@@ -126,13 +128,41 @@ def run_compare(config, workdir: str) -> dict:
   return out
 
 
+def run_vis(config, workdir: str) -> list[str]:
+  import numpy as np
+  from tokcomp import data, vis
+  model, params, step, source, mean, std = _trained(config, workdir)
+  specs = [s.strip() for s in config.get("vis", "tome:r=16;evit:keep=0.7,layers=1-3;ats:keep=0.7,layers=1-3").split(";")
+           if s.strip()]
+  count = int(config.get("vis_images", 4))
+  if count < 1:
+    raise ValueError(f"config.vis_images={count}: must be >= 1")
+  batch = next(data.eval_batches(source, batch=count, mean=mean, std=std, limit=count,
+                                 image_size=config.data.get("image_size", None)))
+  raw = batch["image"] * np.asarray(std, np.float32) + np.asarray(mean, np.float32)  # back to [0, 1] to draw
+  paths = []
+  for spec in specs:
+    reduced = model.clone(reduce=spec)
+    stages = vis.stage_tokens(reduced, params, batch["image"])
+    name = spec.split(":")[0]
+    for i in range(count):
+      path = os.path.join(workdir, f"vis_{name}_{i}.png" if count > 1 else f"vis_{name}.png")
+      fig = vis.plot_stages(raw[i], stages, reduced.grid(raw.shape[1:3]), path, example=i,
+                            title=f"{spec} (checkpoint step {step}, test image {i})")
+      import matplotlib.pyplot as plt
+      plt.close(fig)
+      paths.append(path)
+  print("\n".join(paths))
+  return paths
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     sys.exit("eval.py: --config is required, e.g. --config configs/bench_vit.py")
   {"bench": run_bench, "eval": run_eval, "sweep": run_sweep, "recon": run_recon,
-   "compare": run_compare}[_MODE.value](_CONFIG.value, _WORKDIR.value)
+   "compare": run_compare, "vis": run_vis}[_MODE.value](_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
