@@ -8,7 +8,8 @@ N x N score matrix never needs to leave the fused kernel. What reducers need is 
   value_norm   [B, H, N]   ||v_n|| per head (ATS significance, Fayyaz et al. 2022 eq. 4)
   attn         [B, H, N, N] the full attention probabilities (fp32). An O(N^2) side product outside the fused
                             kernel: only for methods that need whole columns (MCTF, GTP-ViT); avoid when a row
-                            or a mean will do.
+                            or a mean will do. With `Attention.sparsity` < 1 (GTP-ViT) it is the sparsified
+                            attention that was applied (so is cls_attn).
   encoder_input Tokens      the token state entering the encoder (patch + position embeddings, one slot per
                             original token, grid set). Not computed here: the encoder hands it to a block's
                             reducer that asks for it (GTP-ViT builds its semantic graph on these embeddings).
@@ -71,12 +72,40 @@ def softmax_with_policy(logits: jax.Array, policy: jax.Array, eps: float = 1e-6)
   return (e + eps / n) / (jnp.sum(e, axis=-1, keepdims=True) + eps)
 
 
+def sparsify_probs(probs: jax.Array, mask: jax.Array, sparsity: float) -> jax.Array:
+  """GTP-ViT's attention sparsification with sparsity θ (Xu et al., WACV 2024, arXiv:2311.03035; reference
+  Ackesnal/GTP-ViT `models_v3.Attention.forward`), in fp32, without renormalising:
+
+    A_ij <- 0 where A_ij < t,   t = the k-th smallest of the n x n probabilities of one (example, head),
+    k = int(n * n * (1 - sparsity))  (1-based, Python float arithmetic as the reference's),
+
+  so (without ties) the k - 1 smallest entries become 0; k = 0 (sparsity close to 1) zeroes nothing (the
+  reference's kthvalue(k=0) raises instead). n is the number of valid tokens of the example (`mask` [B, N]);
+  only valid-query x valid-key entries count toward the k-th value (without masking: the current N).
+  probs [B, H, N, N].
+  """
+  if isinstance(sparsity, bool) or not 0 < sparsity <= 1:
+    raise ValueError(f"attention sparsity={sparsity!r}: must be in (0, 1]")
+  b, h, n, _ = probs.shape
+  probs = probs.astype(jnp.float32)
+  k_of_count = jnp.asarray([int(m * m * (1 - sparsity)) for m in range(n + 1)], jnp.int32)  # static table
+  k = k_of_count[jnp.sum(mask, axis=-1)]                                           # [B]
+  pair = mask[:, None, :, None] & mask[:, None, None, :]                             # [B, 1, N, N]
+  ranked = jnp.sort(jnp.where(pair, probs, jnp.inf).reshape(b, h, n * n), axis=-1)
+  kth = jnp.take_along_axis(ranked, jnp.broadcast_to(jnp.maximum(k - 1, 0)[:, None, None], (b, h, 1)), axis=-1)
+  threshold = jnp.where(k[:, None, None] > 0, kth, -jnp.inf)[..., None]            # [B, H, 1, 1]
+  return jnp.where(probs < threshold, 0.0, probs)
+
+
 class Attention(nn.Module):
   """Pre-projected multi-head self-attention: x [B, N, D] -> ([B, N, D], Signals)."""
   num_heads: int
   implementation: Implementation = None
   dtype: jnp.dtype = jnp.float32
   qkv_bias: bool = True
+  # GTP-ViT's attention sparsification (`sparsify_probs`): None or 1 keeps the fused dense path; < 1 computes
+  # the probabilities explicitly (an N x N fp32 product), zeroes the small ones, and hands those out as signals.
+  sparsity: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array | None = None,
@@ -108,11 +137,17 @@ class Attention(nn.Module):
     # An all-masked row must stay finite: give such rows one visible key (their own first slot).
     any_valid = jnp.any(key_mask, axis=-1, keepdims=True)
     key_mask = key_mask | (~any_valid & (jnp.arange(n) == 0))
-    if policy is not None and probs is None:
+    sparse = self.sparsity is not None and self.sparsity != 1
+    if sparse and (probs is not None or policy is not None or pair_mask is not None):
+      raise ValueError(f"Attention sparsity={self.sparsity!r} cannot be combined with probs=, policy= or pair_mask=")
+    if (policy is not None or sparse) and probs is None:
       logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(head_dim)
       if bias is not None:
         logits = logits + bias[:, None, None, :]
-      probs = softmax_with_policy(logits, policy * mask)
+      if sparse:
+        probs = sparsify_probs(masked_softmax(logits, key_mask), mask, self.sparsity)
+      else:
+        probs = softmax_with_policy(logits, policy * mask)
     if probs is None:
       y = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=key_mask, implementation=self.implementation)
     else:
@@ -120,7 +155,7 @@ class Attention(nn.Module):
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)  # [B, N, D]
 
     out = {}
-    if "cls_attn" in signals and policy is not None:  # training under a keep policy: the row it applied
+    if "cls_attn" in signals and (policy is not None or sparse):  # the row applied (keep policy, sparsified)
       out["cls_attn"] = probs[:, :, 0].astype(jnp.float32)
     elif "cls_attn" in signals:
       scale = 1.0 / math.sqrt(head_dim)
@@ -132,7 +167,9 @@ class Attention(nn.Module):
       out["keys_mean"] = jnp.mean(k.astype(jnp.float32), axis=2)  # [B, N, d]
     if "value_norm" in signals:
       out["value_norm"] = jnp.linalg.norm(v.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, N]
-    if "attn" in signals:
+    if "attn" in signals and sparse:  # the sparsified probabilities that were applied
+      out["attn"] = probs
+    elif "attn" in signals:
       scale = 1.0 / math.sqrt(head_dim)
       logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
       if bias is not None:

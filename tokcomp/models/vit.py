@@ -53,12 +53,18 @@ def decode_variant(variant: str | None) -> dict[str, Any]:
 class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
+  act: str = "gelu"  # "gelu" (exact erf, timm) or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
-    x = nn.gelu(x, approximate=False)  # timm uses exact GELU
+    if self.act == "gelu":
+      x = nn.gelu(x, approximate=False)  # timm uses exact GELU
+    elif self.act == "quick_gelu":
+      x = x * jax.nn.sigmoid(1.702 * x)
+    else:
+      raise ValueError(f"MlpBlock.act={self.act!r}: must be 'gelu' or 'quick_gelu'")
     return nn.Dense(width, dtype=self.dtype, name="Dense_1")(x)
 
 
@@ -77,8 +83,14 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   step: schedules.Step | None = None
   prop_attn: bool = False  # add log(size) to the attention logits (ToMe's proportional attention)
+  attn_sparsity: float | None = None  # GTP-ViT's attention sparsification θ < 1 (`attention.sparsify_probs`)
   attn_impl: Implementation = None
   dtype: Any = jnp.float32
+  ln_eps: float = 1e-6  # HF CLIP: 1e-5
+  mlp_act: str = "gelu"  # see MlpBlock.act
+  # Attention signals to compute besides the reducer's; when non-empty the block returns (tokens, signals)
+  # (the CLIP tower of models/vlm.py reads every layer's CLS row this way).
+  return_signals: tuple[str, ...] = ()
 
   def _reduce(self, step: schedules.Step, tokens: Tokens, signals: Signals, train: bool) -> Tokens:
     if reducers.is_learned(step):  # a linen module with parameters, named after its method
@@ -88,9 +100,9 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, tokens: Tokens, encoder_input: Tokens | None = None, *, train: bool = False) -> Tokens:
     step = self.step
-    ln0 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
+    ln0 = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_0")
     attention = Attention(self.num_heads, implementation=self.attn_impl, dtype=self.dtype,
-                          name="MultiHeadDotProductAttention_0")
+                          sparsity=self.attn_sparsity, name="MultiHeadDotProductAttention_0")
     probs = None  # attention probabilities an "ahead" reducer hands back for this block to apply
     wrap, original = None, tokens
     if step is not None and step.slot == "wrap":  # the block runs on the step's tokens, mapped back after it
@@ -106,7 +118,8 @@ class Encoder1DBlock(nn.Module):
     post = step if step is not None and step.slot == "post" else None
     y = ln0(tokens.x)
     bias = jnp.log(jnp.maximum(tokens.size, 1e-6)) if self.prop_attn else None
-    wanted = reducers.needed_signals(mid or post)
+    wanted = tuple(reducers.needed_signals(mid or post)) + tuple(
+        s for s in self.return_signals if s not in reducers.needed_signals(mid or post))
     y, signals = attention(y, tokens.mask, bias, signals=tuple(s for s in wanted if s != "encoder_input"),
                            probs=probs, policy=tokens.policy)
     if "encoder_input" in wanted:  # not an attention product: the encoder's input state, handed through
@@ -114,13 +127,15 @@ class Encoder1DBlock(nn.Module):
     tokens = tokens.replace(x=tokens.x + y)
     if mid is not None:
       tokens = self._reduce(mid, tokens, signals, train)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_1")(tokens.x)
-    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_1")(tokens.x)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype, act=self.mlp_act, name="MlpBlock_0")(y)
     tokens = tokens.replace(x=tokens.x + y)
     if post is not None:
       tokens = self._reduce(post, tokens, signals, train)
     if wrap is not None:
       tokens = wrap.fuse(tokens, original)
+    if self.return_signals:
+      return tokens, signals
     return tokens
 
 
@@ -136,12 +151,13 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Tokens, *, train: bool = False) -> Tokens:
     prop = False  # proportional attention starts in the block after the first merge that asks for it
+    sparsity = reducers.attention_sparsity(self.steps)  # an attention change of every block (GTP-ViT's θ)
     encoder_input = tokens  # reducers that ask for "encoder_input" get this state (GTP-ViT's graph)
     for i in range(self.depth):
       step = self.steps[i] if self.steps else None
       # An "ahead" merge comes before this block's attention, so its proportional attention starts here.
       ahead = step is not None and step.slot == "ahead" and reducers.get(step.method).prop_attn(step.config)
-      tokens = Encoder1DBlock(self.num_heads, self.mlp_dim, step=step, prop_attn=prop or ahead,
+      tokens = Encoder1DBlock(self.num_heads, self.mlp_dim, step=step, prop_attn=prop or ahead, attn_sparsity=sparsity,
                               attn_impl=self.attn_impl, dtype=self.dtype, name=f"encoderblock_{i}")(
                                   tokens, encoder_input, train=train)
       prop = prop or (step is not None and reducers.get(step.method).prop_attn(step.config))

@@ -39,6 +39,8 @@ class Method:
   export: Callable[..., Any] | None = None       # after training: export(params, model, workdir, image_hw)
   flops: Callable[[Any, int, int, int], float] | None = None  # own FLOPs (config, n in, protected, width):
   #                                               learned layers that `schedules.vit_flops` cannot see (STViT)
+  attn_sparsity: Callable[[Any], float | None] = lambda config: None  # an attention change of EVERY block of
+  #                                               the model (GTP-ViT's θ < 1, `attention.sparsify_probs`); None: none
 
   def __post_init__(self):
     if (self.reduce is None) == (self.module is None):
@@ -136,6 +138,17 @@ def is_learned(step: schedules.Step | None) -> bool:
 
 def needed_signals(step: schedules.Step | None) -> tuple[str, ...]:
   return () if step is None else get(step.method).signals
+
+
+def attention_sparsity(steps: schedules.Schedule) -> float | None:
+  """The attention sparsity the schedule's methods declare (`Method.attn_sparsity`) for every block of the
+  model, or None. Steps that declare different values are a ValueError."""
+  found = {(s.method, v) for s in steps if s is not None
+           for v in [get(s.method).attn_sparsity(s.config)] if v is not None}
+  if len({v for _, v in found}) > 1:
+    raise ValueError(f"schedule declares different attention sparsities {sorted(found)}: one value applies to "
+                     "every block")
+  return next(iter(found))[1] if found else None
 
 
 def check_args(method: str, args: dict[str, Any], allowed: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,14 @@ Propagation (reference `propagate`, the paper's X^s = X^k + α Â^p X^p):
                  keep in `size`; later attention adds log s (proportional attention, `prop_attn`)
     "None"       plain pruning by significance
     "Mean"       the propagated tokens become one token, their mean, appended last
+Attention sparsification (reference `Attention.forward`, sparsity θ in (0, 1], default 1 = none): in EVERY
+block of the model (also blocks where nothing is propagated), after the softmax (and after the log token-scale
+bias), per example and head, with n the block's current token count (valid tokens only):
+    k = int(n · n · (1 − θ)),   t = the k-th smallest (1-based) of the n × n probabilities,   A_ij ← 0 if A_ij < t
+without renormalisation. The sparsified A is applied to the values and is what the selection reads. It is an
+attention change, not a token reduction: the method declares it (`Method.attn_sparsity`), models/vit.py hands
+it to every block's `Attention(sparsity=θ)` (`attention.sparsify_probs`), which then computes the N × N
+probabilities explicitly in fp32 (no fused kernel); θ = 1 leaves the fused dense attention untouched.
 Count: N -> N − num_prop (+1 with "Mean"); 1 <= num_prop <= N − P, else ValueError. `num_prop` is an int
        for every block in `layers` (default: all blocks, as the reference), or one entry per block.
 Order: protected prefix, then the kept tokens in descending significance (as the reference), then the mean
@@ -36,14 +44,19 @@ Order: protected prefix, then the kept tokens in descending significance (as the
 Config: `gtp:num_prop=6` (defaults: selection=MixedAttnMax, propagation=GraphProp, graph_type=Mixed,
         num_neighbours=8, alpha=0.1, token_scale=False, sparsity=1, layers=all), e.g.
         `gtp:num_prop=6,alpha=0.15,num_neighbours=8,token_scale=True`, `gtp:num_prop=4-4-8-8,graph_type=spatial`,
-        `gtp:num_prop=8,layers=0-1-2,propagation=None`. Option values are the reference's names (any case).
+        `gtp:num_prop=8,layers=0-1-2,propagation=None`, `gtp:num_prop=5,sparsity=0.7` (θ in (0, 1], else
+        ValueError). Option values are the reference's names (any case).
 Parity: tests/goldens/gtp_*.npz (tools/goldens/make_gtp.py, Ackesnal/GTP-ViT @ 97a1178, models_v3.py):
         logits and every block's output at 1e-5, fp32, on CLS and GAP models, all three graphs, GraphProp
-        with and without token scales, and Mean.
+        with and without token scales, and Mean; attention sparsification (θ = 0.7 and 0.8, with and without
+        token scales) in gtp_sparse_*.npz.
 Deliberate differences from the reference:
-  - sparsity (the reference's top-θN² attention sparsification, applied inside every block's attention, so
-    it changes the attention output too) is not implemented: only sparsity=1 (the reference's default) is
-    accepted; any other value is a ValueError. It is an attention change, not a token reduction.
+  - sparsity: where k = int(n·n·(1 − θ)) is 0 (θ within 1/n² of 1) the reference's kthvalue raises; we zero
+    nothing there (the θ -> 1 limit). Slots made invalid by an earlier masking reducer do not count toward
+    n and their keys stay excluded (the reference has no masking). One θ per model, as the reference: a
+    schedule that declares two different values is a ValueError; so is θ < 1 with a training keep policy
+    (DynamicViT) or a pair mask. Training and eval use one rule (the reference's train-mode mask multiply
+    and eval-mode assignment give the same values). `ViT.flops` ignores θ (the products stay dense).
   - Without a prefix token the reference's semantic graph keeps num_neighbours + 1 neighbours (its kthvalue
     index counts a CLS that is not there); we keep num_neighbours for every prefix count. With one CLS token
     (the paper's models) both agree. The golden feeds the reference num_neighbours − 1 for the GAP case.
@@ -85,6 +98,7 @@ class GTPConfig:
   num_neighbours: int = 8           # semantic graph: neighbours per patch
   alpha: float = 0.1                # magnitude of the propagated features
   token_scale: bool = False         # carry the reference's token scales in `size`, attend with log(size)
+  sparsity: float = 1.0             # θ: attention sparsification in every block of the model (1: none)
 
 
 # --- significance --------------------------------------------------------------------------------------------
@@ -245,9 +259,8 @@ def _per_block(num_prop, layers, depth: int) -> list[int]:
 
 def make_config(args: dict, num_prop: int) -> GTPConfig:
   sparsity = args["sparsity"]
-  if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or sparsity != 1:
-    raise ValueError(f"gtp sparsity={sparsity!r}: only 1 (no attention sparsification) is supported; the "
-                     "reference's top-theta*N^2 sparsification changes the attention itself")
+  if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
+    raise ValueError(f"gtp sparsity={sparsity!r}: must be a number in (0, 1] (1: no attention sparsification)")
   nn_ = args["num_neighbours"]
   if not isinstance(nn_, int) or isinstance(nn_, bool) or nn_ < 1:
     raise ValueError(f"gtp num_neighbours={nn_!r}: must be an int >= 1")
@@ -262,7 +275,8 @@ def make_config(args: dict, num_prop: int) -> GTPConfig:
                      f"only there), got {propagation}")
   return GTPConfig(num_prop=num_prop, selection=_choice("selection", args["selection"], SELECTIONS),
                    propagation=propagation, graph_type=_choice("graph_type", args["graph_type"], GRAPHS),
-                   num_neighbours=nn_, alpha=float(alpha), token_scale=args["token_scale"])
+                   num_neighbours=nn_, alpha=float(alpha), token_scale=args["token_scale"],
+                   sparsity=float(sparsity))
 
 
 def _build(args, depth):
@@ -286,4 +300,5 @@ def out_count(config: GTPConfig, n: int, protected: int) -> int:
 reducers.register(reducers.Method(
     name="gtp", reduce=reduce, signals=("attn", "encoder_input"), build=_build, out_count=out_count,
     resolve=_resolve, prop_attn=lambda c: c.token_scale,
+    attn_sparsity=lambda c: c.sparsity if c.sparsity < 1 else None,
     example="gtp:num_prop=5,graph_type=spatial,layers=1"))

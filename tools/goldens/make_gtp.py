@@ -48,6 +48,9 @@ MIN_COS_GAP = 1e-4  # absolute gap at every semantic-graph threshold (cosines li
 # The kept tokens come out in descending significance and the test compares slot by slot, so adjacent kept
 # scores must not swap either; that order changes no value, so 1e-5 relative (100x fp32 noise) suffices.
 MIN_ORDER_GAP = 1e-5
+# Attention sparsification zeroes the entries below the k-th smallest probability of each (example, head), i.e.
+# the k - 1 smallest: the (k-1)-th and k-th smallest must not swap (relative gap, like a selection cut).
+MIN_SPARSITY_GAP = 1e-4
 
 # Parameter sets shared by the cases (one npz each, float16-exact values stored as float16).
 PARAMS = {
@@ -85,6 +88,19 @@ CASES = {
         ours="gtp:num_prop=4,selection=SumAttnMax,graph_type=Semantic,num_neighbours=5,alpha=0.2,token_scale=True",
         ref=dict(selection="SumAttnMax", propagation="GraphProp", graph_type="Semantic", num_prop=4,
                  num_neighbours=4, alpha=0.2, token_scale=True, sparsity=1)),
+    # Attention sparsification (sparsity < 1) in every block: the sparsified attention is applied to the values
+    # and is what the selection reads.
+    "gtp_sparse_mixed_50": dict(
+        params="gtp_params_cls50", input_seed=21,
+        ours="gtp:num_prop=5,selection=MixedAttnMax,graph_type=Mixed,num_neighbours=4,alpha=0.1,sparsity=0.7",
+        ref=dict(selection="MixedAttnMax", propagation="GraphProp", graph_type="Mixed", num_prop=5,
+                 num_neighbours=4, alpha=0.1, token_scale=False, sparsity=0.7)),
+    "gtp_sparse_scale_cls_50": dict(
+        params="gtp_params_cls50", input_seed=36,
+        ours="gtp:num_prop=3-5-4-6,selection=CLSAttnMean,graph_type=Spatial,alpha=0.2,token_scale=True,"
+             "sparsity=0.8",
+        ref=dict(selection="CLSAttnMean", propagation="GraphProp", graph_type="Spatial", num_prop=[3, 5, 4, 6],
+                 num_neighbours=8, alpha=0.2, token_scale=True, sparsity=0.8)),
 }
 
 
@@ -192,14 +208,35 @@ def run_case(models_v3, name: str, case: dict, state: dict, out_dir: str) -> Non
                 order_log.add(f"block{i}/b{b}/order{j}", common.relative_gap(s[j - 1], s[j]))
     min_margin = cut_log.report(name)
     min_order_gap = order_log.report(name + " kept-order")
+    # kthvalue runs on the semantic graph's cosines [B, M, M] and, with sparsity < 1, on every block's
+    # flattened attention [B, H, N*N].
+    tokens_in = [int(model.patch_embed.num_patches + model.num_prefix_tokens)] + [
+        int(outs[i].shape[1]) for i in range(depth - 1)]   # sequence length entering each block
+    semantic = [(x, k) for x, k in log["kthvalue"] if x.shape[-1] == x.shape[-2]]
+    sparse = [(x, k) for x, k in log["kthvalue"] if x.shape[-1] != x.shape[-2]]
+    assert len(sparse) == (depth if ref["sparsity"] < 1 else 0), len(sparse)
     # Semantic graph: absolute cosine gap at each row's threshold (kth smallest kept, (k-1)th not).
     min_cos_gap = float("inf")
-    for sim, k in log["kthvalue"]:
+    for sim, k in semantic:
         srt = torch.sort(sim.double(), dim=-1).values
         gap = (srt[..., k - 1] - srt[..., k - 2]).min().item()
         min_cos_gap = min(min_cos_gap, gap)
-    if log["kthvalue"]:
+    if semantic:
         print(f"[{name}] min semantic-graph cosine gap = {min_cos_gap:.6g}")
+    # Sparsification: entries < the k-th smallest are zeroed, so the (k-1)-th and k-th smallest must not swap
+    # (the set zeroed would change); the k-th and (k+1)-th swapping changes nothing, reported only.
+    below_log, above_log, sparse_k = common.MarginLog(), common.MarginLog(), []
+    for i, (probs, k) in enumerate(sparse):
+        n = round(probs.shape[-1] ** 0.5)
+        assert n == tokens_in[i] and k == int(n * n * (1 - ref["sparsity"])), (n, k)
+        sparse_k.append(k)
+        srt = torch.sort(probs.double(), dim=-1).values.numpy()
+        for b in range(srt.shape[0]):
+            for h in range(srt.shape[1]):
+                below_log.add(f"block{i}/b{b}/h{h}/k{k}", common.relative_gap(srt[b, h, k - 1], srt[b, h, k - 2]))
+                above_log.add(f"block{i}/b{b}/h{h}/k{k}", common.relative_gap(srt[b, h, k], srt[b, h, k - 1]))
+    min_sparsity_gap = below_log.report(name + " sparsity threshold") if sparse else float("inf")
+    min_sparsity_gap_above = above_log.report(name + " sparsity threshold (above)") if sparse else float("inf")
 
     tokens = [int(outs[i].shape[1]) for i in range(depth)]
     arrays = {"input": x.numpy(), "logits": logits.numpy()}
@@ -211,6 +248,7 @@ def run_case(models_v3, name: str, case: dict, state: dict, out_dir: str) -> Non
     arrays["min_margin"] = np.array(min_margin, dtype=np.float64)
     arrays["min_order_gap"] = np.array(min_order_gap, dtype=np.float64)
     arrays["min_cos_gap"] = np.array(min_cos_gap, dtype=np.float64)
+    arrays["min_sparsity_gap"] = np.array(min_sparsity_gap, dtype=np.float64)
     cfg = dict(
         method="gtp", case=name, params=case["params"], img_size=IMG, **BASE, in_chans=3, batch=BATCH,
         class_token=pset["class_token"], global_pool=pset["global_pool"], distilled=False,
@@ -225,10 +263,13 @@ def run_case(models_v3, name: str, case: dict, state: dict, out_dir: str) -> Non
                      "weights rounded to float16-exact values"],
         noise_std=NOISE_STD, param_seed=pset["seed"], noise_seed=pset["seed"] + 1, input_seed=case["input_seed"],
         input_distribution="standard normal", min_margin=min_margin, min_order_gap=min_order_gap,
-        min_cos_gap=min_cos_gap, generator="tools/goldens/make_gtp.py", **common.versions())
+        min_cos_gap=min_cos_gap, min_sparsity_gap=min_sparsity_gap, min_sparsity_gap_above=min_sparsity_gap_above,
+        sparsity_k_per_layer=sparse_k, generator="tools/goldens/make_gtp.py", **common.versions())
     common.check_margin(name, min_margin)
     common.check_margin(name + " kept-order", min_order_gap, MIN_ORDER_GAP)
-    if log["kthvalue"] and not min_cos_gap > MIN_COS_GAP:
+    if sparse:
+        common.check_margin(name + " sparsity threshold", min_sparsity_gap, MIN_SPARSITY_GAP)
+    if semantic and not min_cos_gap > MIN_COS_GAP:
         raise SystemExit(f"[{name}] semantic cosine gap {min_cos_gap:.3g} <= {MIN_COS_GAP:g}: change seeds")
     common.save_golden(os.path.join(out_dir, f"{name}.npz"), arrays, cfg)
     print(f"[{name}] tokens_per_layer={tokens} logits[0,:3]={logits[0, :3].tolist()}")
