@@ -33,10 +33,11 @@ inside jit: a write past C_l is clamped by dynamic_update_slice and would overwr
 
 Reducer hook: `reduce` names a registered prefill method; its config's `layers` (tuple of int) says where it acts.
 Before layer l in `layers` the decoder builds `PrefillSignals` (hidden entering l, positions, last_attn from layer
-l-1, image_mask, the current image_span, layer=l), calls `method.apply` -> keep [B, S'] (ascending slots), gathers
-hidden states, positions, mask and image mask, and every later layer runs and caches only S' slots. Contract: a
-prefill method keeps every non-image slot, so the image tokens stay contiguous at the same start and the new span is
-(start, S' - (S - length)).
+l-1, image_mask, the current image_span, layer=l, image_len0; on request (`Method.needs`) layer_attn / text_attn,
+layer l's own attention rows before the prune: `own_attention`), calls `method.apply` -> keep [B, S'] (ascending
+slots), gathers hidden states, positions, mask and image mask, and every later layer runs and caches only S' slots.
+Contract: a prefill method keeps every non-image slot, so the image tokens stay contiguous at the same start and the
+new span is (start, S' - (S - length)).
 
 Numerics follow HF `LlamaForCausalLM`: RMSNorm in fp32 then cast, weight times normed; RoPE with the rotate-half
 layout (cos/sin of position * theta^(-2i/d) in fp32, concatenated twice); SwiGLU MLP down(silu(gate x) * up x);
@@ -178,15 +179,19 @@ class LlamaAttention(nn.Module):
     causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
     mask4 = (causal[None] & mask[:, None, :])[:, None]  # [B, 1, S, S]
     out = self.attend(q, k, v, mask4)
-    row = None
-    if last is not None:
-      c = self.config
-      ql = take_rows(q, last[:, None])[:, 0].astype(jnp.float32)  # [B, H, d]
-      ql = ql.reshape(ql.shape[0], c.num_kv_heads, c.num_heads // c.num_kv_heads, -1)  # kv head j serves heads j*r..
-      logits = jnp.einsum("bgrd,bsgd->bgrs", ql, k.astype(jnp.float32)).reshape(ql.shape[0], c.num_heads, s)
-      visible = mask & (jnp.arange(s)[None, :] <= last[:, None])  # [B, S]
-      row = masked_softmax(logits / math.sqrt(c.dim_per_head), visible[:, None, :])
+    row = None if last is None else self.query_rows(q, k, mask, last[:, None])[:, :, 0]
     return out, (k, v), row
+
+  def query_rows(self, q, k, mask, queries) -> jax.Array:
+    """Softmax rows of the query slots queries [B, T] over all keys, per head, fp32 -> [B, H, T, S]: a separate
+    small product (q [B, S, H, d], k [B, S, KVH, d] after RoPE); a query sees the real keys up to its own slot."""
+    c = self.config
+    b, s = mask.shape
+    qt = take_rows(q, queries).astype(jnp.float32)  # [B, T, H, d]
+    qt = qt.reshape(b, -1, c.num_kv_heads, c.num_heads // c.num_kv_heads, qt.shape[-1])  # kv head j serves j*r..
+    logits = jnp.einsum("btgrd,bsgd->bgrts", qt, k.astype(jnp.float32)).reshape(b, c.num_heads, -1, s)
+    visible = mask[:, None, :] & (jnp.arange(s)[None, None, :] <= queries[:, :, None])  # [B, T, S]
+    return masked_softmax(logits / math.sqrt(c.dim_per_head), visible[:, None])
 
 
 class DecoderLayer(nn.Module):
@@ -209,6 +214,12 @@ class DecoderLayer(nn.Module):
     a, kv, row = self.self_attn(self.input_layernorm(x), positions, mask, last)
     x = x + a
     return x + self.mlp(self.post_attention_layernorm(x)), kv, row
+
+  def query_attn(self, x, positions, mask, queries):
+    """This layer's own softmax rows of the query slots queries [B, T] over its input x [B, S, D] (input norm, q/k
+    projections and RoPE only; nothing else of the layer runs) -> [B, H, T, S] fp32."""
+    q, k, _ = self.self_attn.qkv(self.input_layernorm(x), positions)
+    return self.self_attn.query_rows(q, k, mask, queries)
 
   def step(self, x, position, k_buf, v_buf, slot_mask, index):
     """One decode token: x [B, 1, D], position [B]; writes its k/v at slot `index` and attends to every real slot."""
@@ -290,7 +301,8 @@ class Llama(nn.Module):
       if l in layers:
         from tokcomp.vlm import PrefillSignals
         sig = PrefillSignals(hidden=x, positions=positions, last_attn=row, image_mask=image_mask,
-                             image_span=image_span, layer=l)
+                             image_span=image_span, layer=l, image_len0=length,
+                             **own_attention(layer, method.needs, x, positions, mask, image_span))
         keep = method.apply(sig, config=cfg)
         n = x.shape[1]
         if keep.ndim != 2 or keep.shape[0] != b or not 0 < keep.shape[1] <= n:
@@ -340,6 +352,25 @@ class Llama(nn.Module):
     new = KVCache(k=tuple(ks), v=tuple(vs), mask=tuple(ms), index=tuple(i + 1 for i in cache.index),
                   position=cache.position + 1)
     return self.logits(self.norm(x[:, 0])), new
+
+
+def own_attention(layer: DecoderLayer, needs, x, positions, mask, image_span) -> dict:
+  """The PrefillSignals a method computes with the pruned layer's OWN attention weights on the hidden states
+  entering it (before the prune), only those named in `needs`: layer_attn (the last real query's row, PyramidDrop)
+  and text_attn (the mean row of the real text queries after the image span, ToDRE stage 2). Side products of
+  one or T query rows; the layer's main attention stays fused."""
+  out = {}
+  if "layer_attn" in needs:
+    out["layer_attn"] = layer.query_attn(x, positions, mask, last_slot(mask)[:, None])[:, :, 0]
+  if "text_attn" in needs:
+    b, s = mask.shape
+    end = image_span[0] + image_span[1]
+    if end >= s:
+      raise ValueError(f"text_attn: no text after the image span {image_span} (sequence length {s})")
+    rows = layer.query_attn(x, positions, mask, jnp.broadcast_to(jnp.arange(end, s, dtype=jnp.int32), (b, s - end)))
+    w = mask[:, None, end:, None].astype(jnp.float32)  # [B, 1, T, 1]: real text queries
+    out["text_attn"] = jnp.sum(rows * w, axis=2) / jnp.maximum(jnp.sum(w, axis=2), 1.0)
+  return out
 
 
 def init_params(model: Llama, rng: jax.Array, seq_len: int = 4):

@@ -34,6 +34,8 @@ class VisualSignals:
   x         [B, N, D]     the feature layer's output (LLaVA's `select_layer`, e.g. -2), prefix first; N = P + h*w
   cls_attn  [B, L, H, N]  the CLS row of the softmax attention of every tower layer that ran (fp32; L = number of
                           layers run, so cls_attn[:, -1] is the feature layer's); computed as an O(N) side product
+  cls_logits [B, L, H, N] the same CLS rows BEFORE the softmax (q_cls k^T / sqrt(d), per head, fp32); optional
+                          (GlobalCom²'s official scores are their head mean); the tower fills it like cls_attn
   keys      [B, N, d]     the feature layer's keys (k projection incl. bias, before query scaling), head-mean
   attn      [B, H, N, N]  the feature layer's full softmax attention (fp32); only for methods that need columns
   text      [B, T, E]     text / query embeddings (query-aware methods), with text_mask [B, T]
@@ -45,6 +47,7 @@ class VisualSignals:
   x: jax.Array
   cls_attn: jax.Array | None = None
   keys: jax.Array | None = None
+  cls_logits: jax.Array | None = None
   attn: jax.Array | None = None
   text: jax.Array | None = None
   text_mask: jax.Array | None = None
@@ -61,16 +64,24 @@ class PrefillSignals:
   positions  [B, S]     their RoPE position ids (original positions survive earlier prunes)
   last_attn  [B, H, S]  the attention of the last (text) query over all keys at the previous layer, fp32,
                         computed as a separate one-row product so the main attention stays fused
+  layer_attn [B, H, S]  the last real query's row computed with THIS layer's own input norm, q/k and RoPE on
+                        `hidden` (before the prune), fp32; filled only if the method's `needs` names it (PyramidDrop)
+  text_attn  [B, H, S]  the same layer's rows of the real text queries after the image span, averaged over them,
+                        fp32; only on request (ToDRE stage 2). Both are side products (`llm.own_attention`)
   image_mask [B, S]     which positions hold visual tokens
   image_span            static (start, length) of the visual tokens in the current sequence
+  image_len0            static: the visual tokens before any prune (the first image_span's length)
   layer                 static: the decoder layer index
   """
   hidden: jax.Array
   positions: jax.Array
   last_attn: jax.Array | None = None
   image_mask: jax.Array | None = None
+  layer_attn: jax.Array | None = None
+  text_attn: jax.Array | None = None
   image_span: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
   layer: int = struct.field(pytree_node=False, default=0)
+  image_len0: int | None = struct.field(pytree_node=False, default=None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,13 +14,19 @@ Count: capacity int(n r) + min(C n, floor(C n r)) (static; Σ k_i <= C n r); slo
        last with mask false. "globalcom2:keep=0.25" (the official default), temperature=10.
 Order: thumbnail patches, then each crop's patches, each in original order; every view's prefix is dropped.
        `index` runs over [thumbnail tokens, crop tokens] (AnyRes).
-Signals: thumbnail and crops' cls_attn (last layer).
-Parity: no golden. Official code read: xuyang-liu16/GlobalCom2 @ 96b2d00 (Apache-2.0), `llava/model/llava_arch.py`
-        (`compress_thumbnail`, `generate_scale_for_crop_features`, `interpolate_and_split_cls_attn_scores`,
-        `select_topk_crop_features`); tests/test_vlm_visual_refs.py checks a NumPy loop of the rules above.
-Differences: (1) the official scores are the head mean of the PRE-softmax CLS logits (its patched CLIP attention
-        averages q·k before the softmax); VisualSignals carries softmax rows, so s is the head-mean attention
-        probability (the ranking within a view can differ). (2) LLaVA-NeXT's "unpad" crop trimming is not
+Signals: thumbnail and crops' cls_attn (or cls_logits with score=logits), last layer.
+Scores: score="attn" (default) s = the head-mean softmax CLS row (`cls_attn`); score="logits" s = the head mean of
+        the PRE-softmax CLS logits (`cls_logits`), what the official patched CLIP attention returns.
+Parity: tests/goldens/globalcom2_*.npz (tools/goldens/make_globalcom2.py, xuyang-liu16/GlobalCom2 @ 96b2d00,
+        `llava/model/llava_arch.py`: `compress_thumbnail`, `generate_scale_for_crop_features`,
+        `interpolate_and_split_cls_attn_scores`, `select_topk_crop_features` on synthetic logits): thumbnail and
+        per-crop kept sets exact with score=logits (tests/test_globalcom2.py); tests/test_vlm_visual_refs.py checks
+        a NumPy loop of the rules above.
+Differences: (1) score="attn" (the default, as the tower fills cls_attn today) ranks by probabilities where the
+        reference ranks by logits (the choice can differ; the golden shows it does). The crop ratios are computed
+        in fp32 (the reference: float64 NumPy with +1e-8 in the softmax denominator): int(n r_i) can differ when
+        n r_i lies within ~1e-6 of an integer (the goldens keep >= 5e-3 away).
+        (2) LLaVA-NeXT's "unpad" crop trimming is not
         modelled: every crop patch is valid (static shapes). (3) The official thumbnail keeps its tokens in
         descending score order and lays the crops out on the stitched grid with newline tokens; here every view
         is in original order and the stitched layout is left to the consumer (`index` has the positions).
@@ -40,6 +46,7 @@ from tokcomp.tokens import batched_scatter
 from tokcomp.vlm import _common
 
 NAME = "globalcom2"
+SCORES = ("attn", "logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +54,21 @@ class GlobalComConfig:
   keep: float = 0.25          # base retention ratio r
   temperature: float = 10.0   # softmax temperature of the crop scores
   layout: tuple[int, int] = (2, 2)
+  score: str = "attn"         # "attn": head-mean softmax CLS row; "logits": head-mean pre-softmax row (official)
 
 
 def parse(args) -> GlobalComConfig:
-  a = _common.args(NAME, args, {"keep": 0.25, "temperature": 10.0, "layout": "2x2"})
+  a = _common.args(NAME, args, {"keep": 0.25, "temperature": 10.0, "layout": "2x2", "score": "attn"})
+  if a["score"] not in SCORES:
+    raise ValueError(f"{NAME} score={a['score']!r}: must be one of {SCORES}")
   keep = a["keep"]
   if isinstance(keep, bool) or not isinstance(keep, float) or not 0.0 < keep <= 1.0:
     raise ValueError(f"{NAME} keep={keep!r}: must be a float retention ratio in (0, 1]")
   t = a["temperature"]
   if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
     raise ValueError(f"{NAME} temperature={t!r}: must be a number > 0")
-  return GlobalComConfig(keep=keep, temperature=float(t), layout=_common.target_grid(NAME, "layout", a["layout"]))
+  return GlobalComConfig(keep=keep, temperature=float(t), layout=_common.target_grid(NAME, "layout", a["layout"]),
+                         score=a["score"])
 
 
 def capacities(config: GlobalComConfig, n: int, crops: int) -> tuple[int, int]:
@@ -96,12 +107,14 @@ def crop_guides(grid: tuple[int, int], arrangement: tuple[int, int]) -> np.ndarr
 
 def apply(signals: vlm.VisualSignals, *, config: GlobalComConfig):
   crops, p, grid = _common.anyres_views(NAME, signals, config.layout)
-  _common.require(NAME, signals, "cls_attn")
-  _common.require(NAME, signals.thumbnail, "cls_attn")
+  field = "cls_attn" if config.score == "attn" else "cls_logits"
+  _common.require(NAME, signals, field)
+  _common.require(NAME, signals.thumbnail, field)
   n, b = grid[0] * grid[1], signals.x.shape[0]
   t_thumb, t_crops = capacities(config, n, crops)
-  thumb = jnp.mean(signals.thumbnail.cls_attn[:, -1, :, p:].astype(jnp.float32), axis=1)  # [B, n]
-  crop = jnp.mean(signals.cls_attn[:, -1].astype(jnp.float32).reshape(b, -1, crops, p + n)[..., p:], axis=1)
+  rows, thumb_rows = getattr(signals, field), getattr(signals.thumbnail, field)
+  thumb = jnp.mean(thumb_rows[:, -1, :, p:].astype(jnp.float32), axis=1)  # [B, n]
+  crop = jnp.mean(rows[:, -1].astype(jnp.float32).reshape(b, -1, crops, p + n)[..., p:], axis=1)
 
   def rank(score):  # position in the view's descending order (stable)
     return jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1)

@@ -20,9 +20,10 @@ Order: thumbnail patches, then each crop's patches, each in original order (the 
        every view's prefix ([CLS]) is dropped. `index` runs over [thumbnail tokens, crop tokens] (AnyRes).
 Signals: cls_attn of the crops (stacked views) and of the thumbnail, with layers 0..f (early defaults to 0, the
        official code's layer 0; its selection layer 22 of CLIP-L is our feature layer).
-Parity: no golden. Official code read: hasanar1f/HiRED @ 502d6dd (MIT), `HiRED_token_selection` and
-        `HiRED_sub_img_budgets` in its LLaVA-NeXT model file; tests/test_vlm_visual_refs.py checks a NumPy loop of
-        the rules above (both splits).
+Parity: tests/goldens/hired_*.npz (tools/goldens/make_hired.py, hasanar1f/HiRED @ 502d6dd (MIT),
+        `HiRED_token_selection` and `HiRED_sub_img_budgets` in its LLaVA-NeXT model file, on synthetic [CLS] rows):
+        kept sets exact with split="raster" (tests/test_hired.py); tests/test_vlm_visual_refs.py checks a NumPy loop
+        of the rules above (both splits).
 Differences: batched with static capacity; the region split follows the paper where the official code uses
         raster chunks (split="raster" reproduces it).
 """
