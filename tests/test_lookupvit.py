@@ -418,7 +418,7 @@ def sharding_check() -> dict:
 
 
 def test_batch_sharded_forward_equals_unsharded_without_collectives():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
   r = subprocess.run([sys.executable, os.path.abspath(__file__), "--sharding-check"], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)

@@ -22,7 +22,7 @@ VIT_CASES = ["dense", "tome", "evit", "mctf", "gtp", "dynamicvit"]  # keys of sh
 
 @pytest.fixture(scope="module")
 def results():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join([ROOT, HERE])}
   t0 = time.perf_counter()
   r = subprocess.run([sys.executable, SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

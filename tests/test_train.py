@@ -70,7 +70,7 @@ print(json.dumps(out))
 
 
 def test_sharded_training_matches_single_device(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   r = subprocess.run([sys.executable, "-c", SHARDED, ROOT, str(tmp_path)], env=env, capture_output=True, text=True,
                      timeout=600, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-4000:]
