@@ -10,6 +10,7 @@ from helpers import apply_step, assert_close, tokens_and_signals
 from tokcomp import reducers, schedules
 from tokcomp.ops.merge import bipartite_soft_matching
 from tokcomp.reducers import keep
+from tokcomp.tokens import Tokens
 
 
 def example_step(name, depth=4):
@@ -172,3 +173,30 @@ def test_spec_parsing_forms():
   assert [s is not None for s in steps] == [False, True, False, True] and not steps[1].config.fuse
   assert reducers.build_schedule(None, 3) == (None, None, None)
   assert reducers.build_schedule("dense", 3) == (None, None, None)
+
+
+def test_topk_matches_loop_reference():
+  # keep = ceil(0.4 * 36) = 15 patches by head-mean CLS attention, then prefix + kept in ascending slot order
+  tokens, signals = tokens_and_signals(batch=3, n=37, seed=11)
+  out = reducers.apply(reducers.build_schedule("topk:keep=0.4,layers=0", 1)[0], tokens, signals)
+  x, score = np.asarray(tokens.x), np.asarray(signals.cls_attn).mean(1)
+  for b in range(3):
+    kept = sorted(sorted(range(1, 37), key=lambda n: -score[b, n])[:15])
+    ref = np.concatenate([x[b, :1], x[b, kept]])
+    assert_close(out.x[b], ref)
+    index = np.full(37, -1)
+    index[[0] + kept] = np.arange(16)
+    np.testing.assert_array_equal(np.asarray(out.index)[b], index)
+
+
+def test_avgpool_matches_loop_reference():
+  # a 6x6 grid + CLS pooled with stride 4: windows 4x4, 4x2, 2x4, 2x2 (ceil(6/4) = 2 per side), raster order
+  x = jax.random.normal(jax.random.key(3), (2, 37, 8))
+  tokens = Tokens.create(x, 1, grid=(6, 6))
+  out = reducers.apply(reducers.build_schedule("avgpool:stride=4,layers=0", 1)[0], tokens, None)
+  assert out.grid == (2, 2) and out.x.shape == (2, 5, 8)
+  grid = np.asarray(x)[:, 1:].reshape(2, 6, 6, 8)
+  ref = [grid[:, i:i + 4, j:j + 4].reshape(2, -1, 8).mean(1) for i in (0, 4) for j in (0, 4)]
+  assert_close(out.x[:, 0], np.asarray(x)[:, 0])
+  assert_close(out.x[:, 1:], np.stack(ref, 1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out.size)[0], [1, 16, 8, 8, 4])
