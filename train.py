@@ -476,7 +476,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if jax.process_count() > 1 or os.environ.get("TOKCOMP_DISTRIBUTED"):
+  if os.environ.get("TOKCOMP_DISTRIBUTED"):  # first: any backend call (jax.process_count() too) makes it raise
     jax.distributed.initialize()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
