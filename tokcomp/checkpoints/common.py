@@ -83,16 +83,20 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def check_against_model(model: vit.ViT, params: Mapping[str, Any], image_size: tuple[int, int]) -> None:
   """Asserts that `params` has exactly the model's keys and shapes; names every offender."""
   images = jax.ShapeDtypeStruct((1, image_size[0], image_size[1], 3), jnp.float32)
-  expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
-  exp = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected["params"]).items()}
-  got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(params["params"]).items()}
+  check_shapes(jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"], params["params"],
+               "checkpoint does not fit the model")
+
+
+def check_shapes(expected: Mapping[str, Any], got: Mapping[str, Any], what: str) -> None:
+  """`got` (a params tree) has exactly the keys and shapes of `expected` (e.g. from jax.eval_shape of an init);
+  otherwise a ValueError starting with `what` that names every missing, unexpected or misshapen leaf."""
+  exp = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected).items()}
+  got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(got).items()}
   missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
   bad = [f"{k}: checkpoint {got[k]} vs model {exp[k]}" for k in sorted(set(exp) & set(got)) if got[k] != exp[k]]
   if missing or extra or bad:
-    raise ValueError("checkpoint does not fit the model:"
-                     + (f"\n  missing: {missing}" if missing else "")
-                     + (f"\n  unexpected: {extra}" if extra else "")
-                     + "".join(f"\n  shape {b}" for b in bad))
+    raise ValueError(f"{what}:" + (f"\n  missing: {missing}" if missing else "")
+                     + (f"\n  unexpected: {extra}" if extra else "") + "".join(f"\n  shape {b}" for b in bad))
 
 
 def overlay(fresh: Mapping[str, Any], loaded: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -25,9 +25,8 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import traverse_util
 
-from tokcomp.checkpoints.common import read_arrays, unflatten
+from tokcomp.checkpoints.common import check_shapes, read_arrays, unflatten
 from tokcomp.models import llm
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -99,15 +98,7 @@ def convert(arrays: Mapping[str, np.ndarray], hf_config: Mapping[str, Any], *, r
 
 def check_against_model(model: llm.Llama, params: Mapping[str, Any]) -> None:
   expected = jax.eval_shape(lambda r: llm.init_params(model, r), jax.random.key(0))
-  exp = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected["params"]).items()}
-  got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(params["params"]).items()}
-  missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-  bad = [f"{k}: checkpoint {got[k]} vs model {exp[k]}" for k in sorted(set(exp) & set(got)) if got[k] != exp[k]]
-  if missing or extra or bad:
-    raise ValueError("HF Llama checkpoint does not fit the config:"
-                     + (f"\n  missing: {missing}" if missing else "")
-                     + (f"\n  unexpected: {extra}" if extra else "")
-                     + "".join(f"\n  shape {b}" for b in bad))
+  check_shapes(expected["params"], params["params"], "HF Llama checkpoint does not fit the config")
 
 
 def read_dir(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tokcomp.checkpoints.common import read_arrays, square_side
+from tokcomp.checkpoints.common import check_shapes, read_arrays, square_side
 from tokcomp.tokenizers import one_d_piece, titok
 
 PIXEL_DECODER = re.compile(r"^(pixel_decoder|pixel_quantize)\.")
@@ -277,10 +277,4 @@ def check(model, params: Mapping[str, Any]) -> None:
   """`params` has exactly the model's keys and shapes; names every missing, unexpected or misshapen one."""
   images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), jnp.float32)
   expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
-  exp = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected).items()}
-  got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(params["params"]).items()}
-  missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-  bad = [f"{k}: checkpoint {got[k]} vs model {exp[k]}" for k in sorted(set(exp) & set(got)) if got[k] != exp[k]]
-  if missing or extra or bad:
-    raise ValueError("checkpoint does not fit the TiTok model:" + (f"\n  missing: {missing}" if missing else "")
-                     + (f"\n  unexpected: {extra}" if extra else "") + "".join(f"\n  shape {b}" for b in bad))
+  check_shapes(expected, params["params"], "checkpoint does not fit the TiTok model")
