@@ -73,7 +73,7 @@ import numpy as np
 
 from tokcomp import schedules
 from tokcomp.attention import Attention, Implementation
-from tokcomp.models.vit import MlpBlock
+from tokcomp.models.vit import MlpBlock, patch_grid
 from tokcomp.ops.cluster import adaptive_pool_matrix
 from tokcomp.tokens import Tokens
 
@@ -230,12 +230,7 @@ class LookupViT(nn.Module):
 
   def grid(self, image_hw: Sequence[int]) -> tuple[int, int]:
     """The lookup (patch) grid for an image size; a clear error when the size does not fit the patch."""
-    ph, pw = self.patch_size
-    h, w = int(image_hw[0]), int(image_hw[1])
-    if h < ph or w < pw or h % ph or w % pw:
-      raise ValueError(f"image size {h}x{w}: must be a positive multiple of LookupViT.patch_size="
-                       f"{tuple(self.patch_size)}")
-    return h // ph, w // pw
+    return patch_grid(image_hw, self.patch_size, "LookupViT")
 
   def compressed_grids(self, image_hw: Sequence[int], train: bool = False) -> tuple[tuple[int, int], ...]:
     """The compressed grids a forward may run: (compressed,) at inference, train_compressed (if any) in training.

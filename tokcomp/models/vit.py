@@ -50,6 +50,15 @@ def decode_variant(variant: str | None) -> dict[str, Any]:
   return out
 
 
+def patch_grid(image_hw: Sequence[int], patch_size: Sequence[int], owner: str) -> tuple[int, int]:
+  """(h // ph, w // pw), or a ValueError naming `owner`.patch_size when the image is not a positive multiple."""
+  ph, pw = patch_size
+  h, w = int(image_hw[0]), int(image_hw[1])
+  if h < ph or w < pw or h % ph or w % pw:
+    raise ValueError(f"image size {h}x{w}: must be a positive multiple of {owner}.patch_size={tuple(patch_size)}")
+  return h // ph, w // pw
+
+
 class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
@@ -208,11 +217,7 @@ class ViT(nn.Module):
 
   def grid(self, image_hw: Sequence[int]) -> tuple[int, int]:
     """The patch grid for an image size; a clear error when the size does not fit the patch."""
-    ph, pw = self.patch_size
-    h, w = int(image_hw[0]), int(image_hw[1])
-    if h < ph or w < pw or h % ph or w % pw:
-      raise ValueError(f"image size {h}x{w}: must be a positive multiple of ViT.patch_size={tuple(self.patch_size)}")
-    return h // ph, w // pw
+    return patch_grid(image_hw, self.patch_size, "ViT")
 
   def plan(self, image_hw: Sequence[int]) -> tuple[schedules.Schedule, tuple[schedules.LayerCounts, ...]]:
     """The resolved per-block schedule and static token counts for an image size (no params needed)."""

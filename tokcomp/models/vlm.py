@@ -43,7 +43,7 @@ from tokcomp import vlm as vlm_registry
 from tokcomp.attention import Implementation
 from tokcomp.models import llm as llm_lib
 from tokcomp.models.llm import Llama
-from tokcomp.models.vit import Encoder1DBlock
+from tokcomp.models.vit import Encoder1DBlock, patch_grid
 from tokcomp.tokens import Tokens
 from tokcomp.vlm import VisualSignals
 
@@ -81,12 +81,7 @@ class CLIPVisionTower(nn.Module):
     return feature_layers(self.select_layer, self.depth)
 
   def grid(self, image_hw: Sequence[int]) -> tuple[int, int]:
-    ph, pw = self.patch_size
-    h, w = int(image_hw[0]), int(image_hw[1])
-    if h < ph or w < pw or h % ph or w % pw:
-      raise ValueError(f"image size {h}x{w}: must be a positive multiple of "
-                       f"CLIPVisionTower.patch_size={tuple(self.patch_size)}")
-    return h // ph, w // pw
+    return patch_grid(image_hw, self.patch_size, "CLIPVisionTower")
 
   def num_tokens(self, image_hw: Sequence[int]) -> int:
     gh, gw = self.grid(image_hw)
