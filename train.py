@@ -460,7 +460,8 @@ def load_init(path: str, fresh):
   else:
     raise FileNotFoundError(f"config.init_from={path!r}: neither a train.py workdir (with ckpt/) nor a "
                             ".npz/.safetensors checkpoint file")
-  return checkpoints.common.overlay(fresh, loaded)
+  from tokcomp.models.vit import match_block_layout  # a per-block checkpoint into a scan model, or back
+  return checkpoints.common.overlay(fresh, match_block_layout(dict(loaded), dict(fresh)))
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:

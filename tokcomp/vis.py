@@ -30,8 +30,9 @@ def stage_tokens(model, params, images, **apply_kwargs) -> list[tuple[int, Token
 
   `model` is a `tokcomp.models.vit.ViT` (its schedule decides which blocks reduce); `params` its variables.
   """
-  from tokcomp.models.vit import Encoder1DBlock  # models depend on vis's inputs, not the other way round
+  from tokcomp.models.vit import Encoder1DBlock, unscanned  # models depend on vis's inputs, not the other way round
 
+  model, params = unscanned(model, params)
   reducing = {f"encoderblock_{i}" for i, step in enumerate(model.plan(images.shape[1:3])[0]) if step is not None}
   @jax.jit
   def run(p, x):  # jitted: eager reducers dispatch op by op (7x slower on a tiny ViT)

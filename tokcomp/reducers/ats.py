@@ -160,7 +160,9 @@ def effective_layer_counts(model, params, images) -> np.ndarray:
   Runs the model once with the blocks' outputs captured. A block's MLP count is the valid count it outputs;
   its attention count is the previous block's (a "pre" reducer would change this; ATS runs "mid").
   """
-  from tokcomp.models.vit import Encoder1DBlock
+  from tokcomp.models.vit import Encoder1DBlock, unscanned
+
+  model, params = unscanned(model, params)
 
   def run(p, x):
     _, state = model.apply(p, x, capture_intermediates=lambda mdl, _: isinstance(mdl, Encoder1DBlock))
