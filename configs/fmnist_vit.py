@@ -14,8 +14,9 @@ Fashion-MNIST subset by default, or on the full shared copy / tfds with `source=
 Args after the colon: source (embedded:fashion_mnist | npz:PATH | tfds:fashion_mnist), reduce (''), steps (2000),
 batch (128), lr (1e-3), dtype (float32 | bfloat16), mesh_fsdp (1), init_from ('': a train.py workdir or a timm /
 big_vision file to fine-tune from; fresh optimiser), fine_tuned ('': train.py workdirs of models fine-tuned with a
-reducer, e.g. by configs/fmnist_learned.py, joined by ';': eval.py --mode=sweep adds their rows), runlocal (tiny
-model, 2 steps).
+reducer, e.g. by configs/fmnist_learned.py, joined by ';': eval.py --mode=sweep adds their rows), scan (False:
+stacked blocks, see models/vit.py Encoder), remat ('none' | 'full' | 'dots_saveable' | ...), runlocal (tiny model,
+2 steps).
 Expect: not yet measured at full length (the platform issue's results table will say, with device and date).
 """
 from configs.common import parse_arg
@@ -23,10 +24,11 @@ from configs.common import parse_arg
 
 def get_config(arg: str | None = None):
   c = parse_arg(arg, source="embedded:fashion_mnist", reduce="", steps=2000, batch=128, runlocal=False, lr=1e-3,
-                seed=0, dtype="float32", mesh_fsdp=1, init_from="", fine_tuned="")
+                seed=0, dtype="float32", mesh_fsdp=1, init_from="", fine_tuned="", scan=False, remat="none")
   c.data = dict(source=c.source, train_split="train", test_split="test", crop_pad=2, flip=True)
   # A narrow ViT on 2x2 patches: 196 patch tokens + CLS, sized to train on 2 CPU cores (~70 img/s).
-  c.model = dict(num_classes=10, patch_size=(2, 2), width=96, depth=6, mlp_dim=192, num_heads=3)
+  c.model = dict(num_classes=10, patch_size=(2, 2), width=96, depth=6, mlp_dim=192, num_heads=3, scan=c.scan,
+                 remat=c.remat)
   c.warmup_steps = max(1, min(200, c.steps // 10))
   c.weight_decay = 0.05
   c.label_smoothing = 0.1
@@ -51,7 +53,8 @@ def get_config(arg: str | None = None):
       + ["cluster:grid=10x10,layer=2", "cluster:grid=10x10,layer=1", "cluster:grid=7x7,layer=2"]
       + ["avgpool:stride=2,layers=3", "avgpool:stride=2,layers=2"])
   if c.runlocal:  # seconds on a CPU: a 2-layer width-32 model, 2 steps, 256 test images
-    c.model = dict(num_classes=10, patch_size=(4, 4), width=32, depth=2, mlp_dim=64, num_heads=2)
+    c.model = dict(num_classes=10, patch_size=(4, 4), width=32, depth=2, mlp_dim=64, num_heads=2, scan=c.scan,
+                   remat=c.remat)
     c.steps, c.batch, c.warmup_steps, c.log_every, c.ckpt_every = 2, 16, 1, 1, 1
     c.eval_batch, c.eval_limit = 128, 256
     c.sweep, c.sweep_runs = "tome:r=4;evit:keep=0.7,layers=1", 2

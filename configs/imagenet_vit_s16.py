@@ -8,7 +8,8 @@ trained in: for real users on TPU/GPU. Reads `imagenet2012` through `tfds.data_s
   python eval.py --mode=sweep --config configs/imagenet_vit_s16.py --workdir W     # training-free reducer sweep
 
 Args after the colon: reduce, reduce_schedule, batch (1024), epochs (300), dtype (bfloat16), mesh_fsdp (1),
-data_dir (tfds data dir), workers (grain worker processes, 16).
+data_dir (tfds data dir), workers (grain worker processes, 16), scan (False) and remat ('none'): stacked blocks
+scanned, and rematerialised in the backward pass (big_vision's TPU setting is scan + remat=full).
 Expect: DeiT-S reports 79.8 % top-1 after 300 epochs (with RandAugment and repeated augmentation, which this
 config does not have yet); not run here: this repository has no ImageNet. CI builds the config and runs one step
 of it on tfds mock data (tests/test_train.py).
@@ -21,10 +22,10 @@ TRAIN_IMAGES = 1_281_167
 
 def get_config(arg: str | None = None):
   c = parse_arg(arg, reduce="", reduce_schedule="", batch=1024, epochs=300, dtype="bfloat16", mesh_fsdp=1,
-                data_dir="", workers=16, seed=0)
+                data_dir="", workers=16, seed=0, scan=False, remat="none")
   c.data = dict(source="tfds:imagenet2012", train_split="train", test_split="validation", image_size=224,
                 inception_crop=True, flip=True, workers=c.workers)
-  c.model = dict(num_classes=1000, **decode_variant("S/16"))
+  c.model = dict(num_classes=1000, **decode_variant("S/16"), scan=c.scan, remat=c.remat)
   steps_per_epoch = TRAIN_IMAGES // c.batch
   c.steps = c.epochs * steps_per_epoch
   c.warmup_steps = 5 * steps_per_epoch

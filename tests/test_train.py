@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -131,6 +132,24 @@ def test_distillation_needs_a_teacher(tmp_path):
   c.distill = dict(teacher="init", logits=0.5, tokens=0.5)
   with pytest.raises(ValueError, match="needs config.init_from"):
     train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_per_block_run_fine_tunes_into_a_scan_model(tmp_path):
+  """init_from converts a per-block checkpoint to the scan layout; with lr=0 the scan run keeps those weights."""
+  from tokcomp import evaluation
+  from tokcomp.models import vit
+  dense = str(tmp_path / "dense")
+  train.train_and_evaluate(config(1), dense)
+  c = config(1, scan=True, remat="full", reduce="evit:keep=0.7,layers=1", init_from=dense)
+  c.lr, c.weight_decay = 0.0, 0.0
+  summary = train.train_and_evaluate(c, str(tmp_path / "scan"))
+  assert np.isfinite(summary["final_loss"])
+  before, _ = evaluation.restore_params(dense)
+  after, _ = evaluation.restore_params(str(tmp_path / "scan"))
+  before, after = before["params"], after["params"]
+  assert "encoderblock" in after["Transformer"] and "encoderblock_0" not in after["Transformer"]
+  for a, b in zip(*(jax.tree_util.tree_leaves(t) for t in (vit.stack_blocks(before), after))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_imagenet_config_one_step_on_mock_data(tmp_path):

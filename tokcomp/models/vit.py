@@ -288,6 +288,8 @@ def unscanned(model: "ViT", variables: dict) -> tuple["ViT", dict]:
 
 def match_block_layout(params: dict, like: dict) -> dict:
   """`params` in the block layout of `like` (scan or per-block), converting when they differ."""
+  if "Transformer" not in params and "params" in params and "params" in like:  # variables: match their params
+    return {**params, "params": match_block_layout(dict(params["params"]), dict(like["params"]))}
   if "Transformer" not in params or "Transformer" not in like:  # not ViT parameter trees: nothing to match
     return params
   have, want = "encoderblock" in params["Transformer"], "encoderblock" in like["Transformer"]
