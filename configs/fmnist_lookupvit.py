@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
   c.model_name = "lookupvit"
   grids = ((2, 2), (3, 3), (4, 4)) if a.runlocal else ((3, 3), (4, 4), (7, 7))
   compressed = 3 if a.runlocal and a.compressed == 4 else a.compressed
+  c.model = {k: v for k, v in c.model.items() if k not in ("scan", "remat")}  # vit.ViT-only options
   c.model = dict(c.model, compressed=(compressed, compressed), lookup_mlp_ratio=a.lookup_mlp_ratio,
                  train_compressed=grids if a.multires else ())
   c.reduce = ""  # the compression is built into the model
