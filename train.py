@@ -14,7 +14,8 @@ evaluation. The work is in `train_and_evaluate(config, workdir)`, which tests an
   switched in stages (`config.reduce_schedule`, e.g. EViT's keep rate annealed; one compile per stage).
   Learned reducers (DynamicViT, ...) add their parameters to the model and the loss terms they sow into the
   "losses" collection to the objective; `config.distill` adds DynamicViT-style distillation from a frozen dense
-  teacher (KL on the logits and MSE on the kept final tokens, Rao et al. 2021 eqs. 12-13).
+  teacher (KL on the logits and MSE on the kept final tokens, Rao et al. 2021 eqs. 12-13), and with
+  `config.distill.frd` SiT's FRD token distillation (every block's tokens, sown by `sit:...,frd=1`).
 - `config.task = "reconstruct"` trains a 1D tokenizer (`tokcomp.tokenizers`, `config.model_name` titok /
   one_d_piece / flextok) on images in [0, 1]: its own loss terms (quantizer, flow matching) plus an L1/L2 pixel
   loss (`config.recon_loss`, `config.recon_weight`) and an optional perceptual loss on a frozen ViT the user
@@ -237,12 +238,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), config.label_smoothing)
       images, labels = data.mixup(rng_mix, images, labels, config.get("mixup", 0.0))
       (logits, aux), sown = model.apply(params, images, train=True, rngs={"gumbel": rng_model},
-                                        mutable=["losses", "counts"])
+                                        mutable=["losses", "counts", "distill"])
       parts = {"ce": optax.softmax_cross_entropy(logits, labels).mean()}
       parts["reducer"] = sum(jnp.sum(l) for l in jax.tree_util.tree_leaves(sown.get("losses", {})))
+      frd_tokens = sown.get("distill", {})  # per-block full-length tokens sown for SiT's FRD (sit:...,frd=1)
+      if frd_tokens and not (distill and distill.get("frd")):
+        raise ValueError("the model sows per-block tokens for SiT's FRD (a sit:...,frd=1 reducer): set "
+                         "config.distill (the dense teacher) with frd=<weight> (SiT's lambda_token, 2.0)")
       if distill:
-        t_logits, t_aux = teacher.apply(jax.lax.stop_gradient(teacher_params), images)
+        t_logits, t_aux, t_blocks = teacher_forward(teacher, jax.lax.stop_gradient(teacher_params), images,
+                                                    blocks=bool(distill.get("frd")))
         parts.update(distill_losses(distill, logits, aux["tokens"], t_logits, t_aux["tokens"]))
+        if distill.get("frd"):
+          parts["distill_frd"] = frd_loss(float(distill["frd"]), frd_tokens, t_blocks,
+                                          t_aux["tokens"].num_protected)
       if flops_target:
         parts["flops"] = flops_loss(flops_target, model, sown.get("counts", {}), image_hw, in_channels)
       return sum(parts.values()), parts
@@ -448,6 +457,40 @@ def distill_losses(distill, logits, tokens, t_logits, t_tokens) -> dict:
     n_kept = jnp.sum(keep) * sq.shape[-1]
     out["distill_tokens"] = w_tokens * jnp.where(n_kept > 0, jnp.sum(keep * sq) / jnp.maximum(n_kept, 1), 0.0)
   return out
+
+
+def teacher_forward(teacher, params, images, blocks: bool = False):
+  """The frozen teacher's (logits, aux, block outputs): with blocks, every encoder block's output token state
+  (flax's capture_intermediates: {"encoderblock_i": {"__call__": (Tokens,)}}) for FRD, else None."""
+  if not blocks:
+    return (*teacher.apply(params, images), None)
+  from tokcomp.models.vit import Encoder1DBlock
+  (t_logits, t_aux), state = teacher.apply(
+      params, images, capture_intermediates=lambda m, method: isinstance(m, Encoder1DBlock) and method == "__call__",
+      mutable=["intermediates"])
+  return t_logits, t_aux, state["intermediates"].get("Transformer", {})
+
+
+def frd_loss(weight: float, sown, t_blocks, num_protected: int) -> jax.Array:
+  """SiT's FRD token distillation (Zong et al. 2022 §3.2; its `DistillationLoss` with "frd"): over the blocks,
+  the mean of the MSE between the student's block output mapped back to all N0 patches by its reverse TSM (sown
+  into "distill" by `sit:...,frd=1`, `tokcomp/reducers/sit.py`) and the dense teacher's patch tokens after the
+  same block, times `weight` (config.distill.frd, SiT's lambda_token)."""
+  student = sown.get("Transformer", {})
+  if not student:
+    raise ValueError(f"config.distill.frd={weight}: FRD needs a reducer that sows every block's full-length "
+                     "tokens in training (sit:...,frd=1); this model sows none")
+  if set(student) != set(t_blocks):
+    raise ValueError(f"config.distill.frd: the student sows tokens after blocks {sorted(student)} but the teacher "
+                     f"gives {sorted(t_blocks)} (FRD compares every block; scan=False)")
+  total = 0.0
+  for name, sown_block in student.items():
+    leaves = jax.tree_util.tree_leaves(sown_block)
+    if len(leaves) != 1:
+      raise ValueError(f"config.distill.frd: {name} sowed {len(leaves)} token arrays; FRD expects one per block")
+    teacher_tokens = t_blocks[name]["__call__"][0].x[:, num_protected:]
+    total += jnp.mean((leaves[0].astype(jnp.float32) - teacher_tokens.astype(jnp.float32)) ** 2)
+  return weight * total / len(student)
 
 
 def load_init(path: str, fresh):

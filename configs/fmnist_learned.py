@@ -41,9 +41,14 @@ METHODS = {
     "patchmerger": dict(reduce="patchmerger:tokens=8,layer=3", runlocal="patchmerger:tokens=8,layer=1",
                         distill=dict(logits=0.5, tokens=0.0)),
     # TSM with ρ = 0.5 before blocks 2, 3, 4: 196 -> 98 -> 49 -> 24 tokens, 50 % FLOPs with the TSMs (logits
-    # distillation only; SiT's FRD token distillation needs full-length outputs).
+    # distillation only; "sit_frd" adds SiT's FRD token distillation).
     "sit": dict(reduce="sit:keep=0.5,layers=2-3-4", runlocal="sit:keep=0.5,layers=1",
                 distill=dict(logits=0.5, tokens=0.0)),
+    # The same TSMs with SiT's full recipe: FRD (every block's tokens mapped back to all patches by the reverse
+    # TSM, MSE to the dense teacher's, lambda_token 2) and the logits distillation at SiT's weight 2. Evaluate
+    # with the same spec (frd=1 adds the reverse TSMs' parameters; they are idle at inference).
+    "sit_frd": dict(reduce="sit:keep=0.5,layers=2-3-4,frd=1", runlocal="sit:keep=0.5,layers=1,frd=1",
+                    distill=dict(logits=2.0, tokens=0.0, frd=2.0)),
     # M = 25 semantic tokens (5 x 5 max-pool init) before block 2 of 6, the generation layers at the ViT's heads
     # and MLP ratio: 196 -> 25 patches, 49.5 % FLOPs (40 % for the blocks, 9.5 % for the two generation layers,
     # which ViT.flops counts). Logits distillation only (the sequence is short in training).
@@ -57,6 +62,10 @@ METHODS = {
                        runlocal="tokenfuser:tokens=8,layer=1,bottleneck=16", distill=dict(logits=0.5, tokens=0.5)),
     "tokenlearner": dict(reduce="tokenlearner:tokens=8,layer=3", runlocal="tokenlearner:tokens=8,layer=1",
                          distill=dict(logits=0.5, tokens=0.0)),
+    # TokenLearner v1 (Ryoo et al. 2021 §2, the spatial-attention version): the same 8 tokens, weights from a
+    # stack of convolutions with a sigmoid instead of the v1.1 MLP with a softmax.
+    "tokenlearner_v1": dict(reduce="tokenlearner:tokens=8,layer=3,version=1",
+                            runlocal="tokenlearner:tokens=8,layer=1,version=1", distill=dict(logits=0.5, tokens=0.0)),
 }
 
 

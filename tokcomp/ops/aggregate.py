@@ -38,9 +38,20 @@ def aggregate_reducible(tokens: Tokens, logits: jax.Array) -> tuple[Tokens, jax.
   if logits.ndim != 3 or logits.shape[:2] != (b, tokens.num_reducible):
     raise ValueError(f"aggregate_reducible: logits shape {logits.shape} must be [B, N - P, M] = "
                      f"[{b}, {tokens.num_reducible}, M]")
-  m = logits.shape[-1]
+  weights = slot_softmax(logits, tokens.mask[:, p:])  # [B, N - P, M], columns sum to 1 over the valid slots
+  return pool_reducible(tokens, weights), weights
+
+
+def pool_reducible(tokens: Tokens, weights: jax.Array) -> Tokens:
+  """Replaces the reducible slots by M new tokens x'_m = Σ_n W[n, m] x_n for given weights W [B, N - P, M]
+  (zero on invalid slots; not necessarily normalised: TokenLearner v1's sigmoid maps), with the same index/size
+  bookkeeping (the argmax over m of W[n, m]) as `aggregate_reducible`."""
+  p, b = tokens.num_protected, tokens.batch
+  if weights.ndim != 3 or weights.shape[:2] != (b, tokens.num_reducible):
+    raise ValueError(f"pool_reducible: weights shape {weights.shape} must be [B, N - P, M] = "
+                     f"[{b}, {tokens.num_reducible}, M]")
+  m = weights.shape[-1]
   valid = tokens.mask[:, p:]
-  weights = slot_softmax(logits, valid)  # [B, N - P, M], columns sum to 1 over the valid slots
   new = jnp.einsum("bnm,bnd->bmd", weights.astype(tokens.x.dtype), tokens.x[:, p:],
                    precision=jax.lax.Precision.HIGHEST)
   prefix_dest = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -48,7 +59,7 @@ def aggregate_reducible(tokens: Tokens, logits: jax.Array) -> tuple[Tokens, jax.
   out = tokens.reassign(dest, p + m).replace(
       x=jnp.concatenate([tokens.x[:, :p], new], axis=1),
       mask=jnp.concatenate([tokens.mask[:, :p], jnp.ones((b, m), bool)], axis=1))
-  return out, weights
+  return out
 
 
 def aggregate_flops(n_in: int, n_out: int, width: int) -> float:

@@ -1,14 +1,15 @@
-"""Golden fixtures for TokenLearner v1.1 and TokenFuser (Ryoo et al., NeurIPS 2021, arXiv:2106.11297).
+"""Golden fixtures for TokenLearner v1.1, v1 and TokenFuser (Ryoo et al., NeurIPS 2021, arXiv:2106.11297).
 
 Reference: google-research/scenic, commit 4a38d475ee89cb821078c0e2bf2065ee030e1535 (Apache-2.0; run only, nothing
-of it is copied into tokcomp), `scenic/projects/token_learner/model.py`: `TokenLearnerModuleV11` and `TokenFuser`.
+of it is copied into tokcomp), `scenic/projects/token_learner/model.py`: `TokenLearnerModuleV11`,
+`TokenLearnerModule` (v1) and `TokenFuser`.
 scenic is JAX/Flax, so this runs in tokcomp's own venv (/work/main/.venv: jax 0.10.2, flax 0.12.8, absl-py,
 ml_collections); the modules get their own flax init with a fixed key, then every parameter gets N(0, NOISE_STD)
 noise with a fixed seed (the fuser's token-mixing Dense is zero-initialised: the noise makes it non-trivial).
 float32, CPU, deterministic=True (inference: dropout is the identity).
 
 Adaptations (run time only; the checkout is not edited): model.py imports scenic's base models, its ViT baseline
-(which imports tensorflow and scipy) and ViViT, none of which the two modules use. `sys.modules` stubs stand in
+(which imports tensorflow and scipy) and ViViT, none of which these modules use. `sys.modules` stubs stand in
 for `scenic.model_lib.base_models{,.base_model,.classification_model,.multilabel_classification_model}`,
 `scenic.projects.baselines.vit` and `scenic.projects.vivit{,.model,.model_utils}` (empty modules, except the
 names model.py reads at import time: the base classes it subclasses are empty classes, and the annotation
@@ -20,14 +21,17 @@ Cases (batch 3, odd token counts):
   tokenlearner_v11_n45   X [3, 45, 24], S = 7, bottleneck 16, seed 701
   tokenlearner_fuser_n49 Y [3, 5, 32] (learned), X [3, 49, 32] (original), bottleneck 64, seed 702
   tokenlearner_fuser_n37 Y [3, 7, 24], X [3, 37, 24], bottleneck 16, use_normalization False, seed 703
+  tokenlearner_v1_n49    X [3, 49, 32] (7x7), S = 5, use_sum_pooling True (the default), seed 704
+  tokenlearner_v1_n25    X [3, 25, 24] (5x5), S = 7, use_sum_pooling False (mean), seed 705
 
 Saved (tests/goldens/<case>.npz): param/<flax path joined by '/'> (the reference's own names), inputs
 (`x`; the fuser also `original`), `out` (the reference module's output), for the learner also `weights`
-[B, S, N] (its softmax map, recomputed from the same parameters with the reference's own submodules), the
+[B, S, N] (its softmax map, recomputed from the same parameters with the reference's own submodules; for v1
+the sigmoid of the reference's last conv output, captured with flax's capture_intermediates), the
 minimum relative gap between the largest and second-largest weight of each patch over the S tokens
 (`min_margin`: the argmax that tokcomp's `index` uses), config (JSON string).
 
-Command (from the repo root):
+Command (from the repo root; --case NAME makes one case only):
   .venv/bin/python tools/goldens/make_tokenlearner.py --repo /work/refs/scenic --out tests/goldens
 """
 
@@ -51,6 +55,8 @@ CASES = {
     "tokenlearner_v11_n45": dict(kind="learner", n=45, c=24, tokens=7, bottleneck=16, seed=701),
     "tokenlearner_fuser_n49": dict(kind="fuser", n=49, c=32, tokens=5, bottleneck=64, norm=True, seed=702),
     "tokenlearner_fuser_n37": dict(kind="fuser", n=37, c=24, tokens=7, bottleneck=16, norm=False, seed=703),
+    "tokenlearner_v1_n49": dict(kind="learner_v1", n=49, c=32, tokens=5, sum_pooling=True, noise=0.05, seed=704),
+    "tokenlearner_v1_n25": dict(kind="learner_v1", n=25, c=24, tokens=7, sum_pooling=False, noise=0.05, seed=705),
 }
 
 
@@ -105,6 +111,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--repo", default="/work/refs/scenic")
   ap.add_argument("--out", default="tests/goldens")
+  ap.add_argument("--case", choices=sorted(CASES), action="append", help="only these cases (default: all)")
   a = ap.parse_args()
   common.add_repo_to_path(a.repo)
   stubbed = stub_scenic_imports()
@@ -115,6 +122,8 @@ def main():
   from scenic.projects.token_learner import model as tl
 
   for name, case in CASES.items():
+    if a.case and name not in a.case:
+      continue
     rng = np.random.default_rng(case["seed"])
     b, n, c, s = BATCH, case["n"], case["c"], case["tokens"]
     x = rng.standard_normal((b, n, c)).astype(np.float32)
@@ -136,6 +145,21 @@ def main():
       margin = float(np.min((top2[:, 0] - top2[:, 1]) / top2[:, 0]))
       common.check_margin(name, margin)
       arrays.update(x=x, out=np.asarray(out), weights=weights, min_margin=np.float64(margin))
+    elif case["kind"] == "learner_v1":
+      module = tl.TokenLearnerModule(num_tokens=s, use_sum_pooling=case["sum_pooling"])
+      params = flax.core.unfreeze(module.init(key, jnp.asarray(x)))["params"]
+      params = perturb(params, case["noise"], case["seed"] + 1)  # smaller: four convs saturate the sigmoid
+      out, state = module.apply({"params": params}, jnp.asarray(x), capture_intermediates=True,
+                                mutable=["intermediates"])
+      # The sigmoid map over the reference's own last conv output [B, h, w, S] (captured, not recomputed).
+      last = np.asarray(state["intermediates"]["Conv_3"]["__call__"][0])
+      weights = np.asarray(jax.nn.sigmoid(jnp.asarray(last.reshape(b, n, s)))).transpose(0, 2, 1)  # [B, S, N]
+      pooled = np.einsum("bsn,bnc->bsc", weights, x) / (1 if case["sum_pooling"] else n)
+      np.testing.assert_allclose(pooled, np.asarray(out), rtol=1e-5, atol=1e-5)
+      top2 = -np.sort(-weights, axis=1)[:, :2]  # [B, 2, N]
+      margin = float(np.min((top2[:, 0] - top2[:, 1]) / top2[:, 0]))
+      common.check_margin(name, margin)
+      arrays.update(x=x, out=np.asarray(out), weights=weights, min_margin=np.float64(margin))
     else:
       learned = rng.standard_normal((b, s, c)).astype(np.float32)
       module = tl.TokenFuser(use_normalization=case["norm"], bottleneck_dim=case["bottleneck"], dropout_rate=0.0)
@@ -145,7 +169,7 @@ def main():
       arrays.update(x=learned, original=x, out=np.asarray(out))
     arrays.update(flat(params))
     print(name, {k: v.shape for k, v in arrays.items()})
-    cfg = dict(case, batch=b, noise_std=NOISE_STD, reference="google-research/scenic", commit=COMMIT,
+    cfg = dict(case, batch=b, noise_std=case.get("noise", NOISE_STD), reference="google-research/scenic", commit=COMMIT,
                stubbed_modules=stubbed, jax_version=jax.__version__, flax_version=flax.__version__,
                numpy_version=np.__version__)
     common.save_golden(os.path.join(a.out, f"{name}.npz"), arrays, cfg)
