@@ -348,19 +348,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 # --- the reconstruct task (1D tokenizers) ---------------------------------------------------------------------
 
-def perceptual_features(spec) -> recon_losses.ViTFeatures | None:
+def perceptual_features(spec) -> recon_losses.ViTFeatures | recon_losses.LPIPSLoss | None:
   """`config.perceptual = dict(weights=W, model=dict(...ViT fields...), blocks=(1, 3), weight=0.1, source=S)`:
   the frozen ViT whose features the perceptual loss compares (W: a train.py workdir or a timm / big_vision file;
-  S: the data source whose mean/std that ViT was trained with)."""
+  S: the data source whose mean/std that ViT was trained with; image_size: the side it was trained at).
+  `config.perceptual = dict(kind="lpips_vgg", weights=V, lin_weights=L, weight=0.1, resize=0)`: real LPIPS-VGG
+  (tokcomp/tokenizers/lpips.py; V: torchvision VGG16 weights, L: the lpips package's weights/v0.1/vgg.pth, both
+  as .safetensors / .npz, see tokcomp/checkpoints/lpips.py; resize: a side >= 32 both images are resized to
+  first, 0 to keep their size)."""
   if not spec:
     return None
+  kind = spec.get("kind", "vit")
+  if kind == "lpips_vgg":
+    from tokcomp.checkpoints import lpips as lpips_weights
+    if not spec.get("weights"):
+      raise ValueError("config.perceptual.kind='lpips_vgg' needs weights= (torchvision VGG16 IMAGENET1K_V1 "
+                       "`features`) and lin_weights= (the lpips package's weights/v0.1/vgg.pth), each a "
+                       f".safetensors or .npz file; nothing is downloaded. {lpips_weights.CONVERT_HINT}")
+    params = lpips_weights.load(spec["weights"], spec.get("lin_weights", None) or None)
+    return recon_losses.LPIPSLoss(params, resize=spec.get("resize", 0))
+  if kind != "vit":
+    raise ValueError(f"config.perceptual.kind={kind!r}: must be 'vit' (a tokcomp ViT's tokens) or 'lpips_vgg'")
   for key in ("weights", "model"):
     if key not in spec:
       raise ValueError(f"config.perceptual.{key} is required, e.g. perceptual=dict(weights='benchmarks/fmnist_vit', "
                        "model=dict(...the ViT's config.model...), blocks=(1, 3), weight=0.1)")
   vit = models.get("vit")(**spec["model"])
-  fresh = jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 8 * vit.patch_size[0], 8 * vit.patch_size[1],
-                                                                 spec.get("in_channels", 1))))
+  side = spec.get("image_size", None)  # the size the ViT was trained at (its pos_embedding's grid)
+  hw = (side, side) if side else (8 * vit.patch_size[0], 8 * vit.patch_size[1])
+  fresh = jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, *hw, spec.get("in_channels", 1))))
   params, missing = load_init(spec["weights"], jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), fresh))
   if missing:
     raise ValueError(f"config.perceptual.weights={spec['weights']!r} lacks ViT parameters: {missing[:5]}")

@@ -14,9 +14,11 @@ plus an L1 pixel loss, orbax auto-resume), then eval.py --mode=recon (PSNR/SSIM 
 Args after the colon: tokenizer (titok | one_d_piece | flextok), source (embedded:fashion_mnist | npz:PATH |
 tfds:fashion_mnist), steps (3000), batch (128), lr (1e-3), seed, tokens (K, 32), decoder (FlexTok: flow |
 pixel), recon_loss (l1 | l2 | l1+l2), perceptual_vit ('': or a ViT workdir, e.g. benchmarks/fmnist_vit, whose
-blocks 1 and 3 give an LPIPS-style feature loss), compare (eval.py --mode=compare: workdirs joined by ';'),
-label (the curve's name in tables), width (128) and depth (4: blocks in the encoder and in the decoder),
-runlocal (tiny model, 2 steps).
+blocks 1 and 3 give an LPIPS-style feature loss), lpips_vgg / lpips_lin ('': or real LPIPS-VGG, weight 0.1:
+torchvision VGG16 weights and the lpips package's weights/v0.1/vgg.pth as .safetensors / .npz, see
+tokcomp/checkpoints/lpips.py; the 28 px images are resized to lpips_resize, 64, for it), compare (eval.py
+--mode=compare: workdirs joined by ';'), label (the curve's name in tables), width (128) and depth (4: blocks in
+the encoder and in the decoder), runlocal (tiny model, 2 steps).
 All three share the encoder/decoder width and depth (4 heads) and K. TiTok and One-D-Piece use a
 cosine VQ codebook of 1024 x 12; FlexTok uses FSQ [8, 8, 8, 5, 5, 5] as the paper.
 Expect: the measured table and plot are in benchmarks/fmnist_tokenizers/ (with device and date).
@@ -28,7 +30,8 @@ MODELS = ("titok", "one_d_piece", "flextok")
 
 def get_config(arg: str | None = None):
   c = parse_arg(arg, tokenizer="titok", source="embedded:fashion_mnist", steps=3000, batch=128, lr=1e-3, seed=0,
-                tokens=32, decoder="flow", recon_loss="l1", perceptual_vit="", compare="", label="", width=128, depth=4, runlocal=False)
+                tokens=32, decoder="flow", recon_loss="l1", perceptual_vit="", lpips_vgg="", lpips_lin="",
+                lpips_resize=64, compare="", label="", width=128, depth=4, runlocal=False)
   if c.tokenizer not in MODELS:
     raise ValueError(f"configs/fmnist_tokenizer.py tokenizer={c.tokenizer!r}: must be one of {MODELS}")
   c.task = "reconstruct"
@@ -47,7 +50,15 @@ def get_config(arg: str | None = None):
   if c.perceptual_vit:
     from configs import fmnist_vit
     c.perceptual = dict(weights=c.perceptual_vit, model=fmnist_vit.get_config().model.to_dict(), blocks=(1, 3),
-                        weight=0.1, source="embedded:fashion_mnist")
+                        weight=0.1, source="embedded:fashion_mnist", image_size=28)
+  if (c.lpips_vgg or c.perceptual_vit) and c.model_name == "flextok" and c.decoder == "flow":
+    raise ValueError("configs/fmnist_tokenizer.py: a perceptual loss needs pixels in training, and FlexTok's flow "
+                     "decoder trains on velocities (recon is None); use decoder=pixel")
+  if c.lpips_vgg:
+    if c.perceptual_vit:
+      raise ValueError("configs/fmnist_tokenizer.py: perceptual_vit and lpips_vgg are two perceptual losses; pick one")
+    c.perceptual = dict(kind="lpips_vgg", weights=c.lpips_vgg, lin_weights=c.lpips_lin, weight=0.1,
+                        resize=c.lpips_resize)
   c.label = c.label or c.model_name + (f" ({c.decoder} decoder)" if c.model_name == "flextok" else "")
   c.recon_weight = 1.0
   c.warmup_steps = max(1, min(200, c.steps // 10))

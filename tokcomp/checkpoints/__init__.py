@@ -9,6 +9,9 @@ The format is detected from probe keys (timm: `patch_embed.proj.weight`; big_vis
 (width, depth, MLP width, classes, patch, prefix tokens, pooling); heads cannot be, so they come from the
 standard width -> heads table unless `num_heads` is given. Every converted array is checked against the
 model's own parameter shapes; a mismatch names the key and both shapes. Nothing falls back to random init.
+
+`checkpoints.lpips.load(vgg16_file, lin_file)`: the LPIPS-VGG perceptual metric's weights (torchvision VGG16 +
+the lpips package's lin heads) for `tokcomp.tokenizers.lpips`.
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tokcomp.checkpoints import big_vision, timm
+from tokcomp.checkpoints import big_vision, lpips, timm
 from tokcomp.checkpoints.common import check_against_model, image_size_of, read_arrays, resample_posemb
 
-__all__ = ["load", "read_arrays", "detect_format", "resample_posemb", "check_against_model", "timm", "big_vision"]
+__all__ = ["load", "read_arrays", "detect_format", "resample_posemb", "check_against_model", "timm", "big_vision",
+           "lpips"]
 
 
 def detect_format(arrays: Mapping[str, np.ndarray]) -> str:

@@ -8,6 +8,9 @@
   LPIPS's learned per-channel weights (w_l = 1: the "baseline" variant of the paper, §3). Any ViT that tokcomp
   loads (a train.py workdir, a timm or big_vision file) serves; on Fashion-MNIST the trained classifier from
   configs/fmnist_vit.py does. Nothing is downloaded.
+- Or real LPIPS (the same paper's eq. 1 with its VGG16 trunk and learned lin weights, checked against the `lpips`
+  package): `tokcomp.tokenizers.lpips.LPIPSLoss` on params from `tokcomp.checkpoints.lpips.load` (torchvision
+  VGG16 + the package's weights/v0.1/vgg.pth, which the user supplies); `perceptual_loss` takes either.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokcomp.tokenizers.lpips import LPIPSLoss
 from tokcomp.tokenizers.quantizers import l2_normalize
 
 PIXEL_LOSSES = ("l1", "l2", "l1+l2")
@@ -52,8 +56,11 @@ class ViTFeatures:
     return [found[f"encoderblock_{b}"]["__call__"][0].x for b in self.blocks]
 
 
-def perceptual_loss(features: ViTFeatures, recon: jax.Array, target: jax.Array) -> jax.Array:
-  """Σ_l mean_{tokens, channels} (f̂_l - f_l)² over unit-normalised token features; the network is frozen."""
+def perceptual_loss(features: ViTFeatures | LPIPSLoss, recon: jax.Array, target: jax.Array) -> jax.Array:
+  """Σ_l mean_{tokens, channels} (f̂_l - f_l)² over unit-normalised token features; the network is frozen.
+  An `LPIPSLoss` gives the batch mean of LPIPS-VGG instead (tokcomp/tokenizers/lpips.py)."""
+  if isinstance(features, LPIPSLoss):
+    return features(recon, target)
   params = jax.lax.stop_gradient(features.params)
   unit = lambda f: l2_normalize(f, 1e-10)
   total = jnp.zeros((), jnp.float32)
