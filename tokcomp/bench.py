@@ -65,6 +65,18 @@ def xla_flops(compiled) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
+def memory_bytes(compiled) -> dict[str, int] | None:
+  """XLA's `memory_analysis()` of one compiled executable: argument, output, temp and alias bytes, and
+  peak = argument + output + temp - alias (a donated argument that the output reuses counts once). Per
+  executable, so per row; None where the backend gives no analysis."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  out = {name: int(getattr(mem, f"{name}_size_in_bytes", 0)) for name in ("argument", "output", "temp", "alias")}
+  out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
 @dataclasses.dataclass
 class Timing:
   compiled: Any
