@@ -339,7 +339,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             std=std, limit=config.get("eval_limit", None), image_size=image_size)
   summary = {"test_accuracy": acc["accuracy"], "test_examples": acc["examples"]}
   summary.update(steps=int(state.step), final_loss=loss, reduce=stages[-1][1] or "", tokens_per_layer=tokens[stages[-1][1]],
-                 gflops=model.flops(image_hw, in_channels) / 1e9)
+                 gflops=model.flops(image_hw, in_channels) / 1e9, model_name=config.get("model_name", "vit"),
+                 model=config.model.to_dict())
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary), flush=True)

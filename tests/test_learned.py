@@ -64,18 +64,25 @@ def test_fine_tunes_through_train_py(name, dense_run, tmp_path):
 
 
 def test_sweep_adds_fine_tuned_rows(dense_run, tmp_path):
-  """eval.py --mode=sweep with config.fine_tuned: the fine-tuned model is measured beside the training-free rows,
-  as its own family."""
+  """eval.py --mode=sweep with config.fine_tuned: each fine-tuned model is measured beside the training-free rows,
+  as its own family: a ViT with a learned reducer, and a model of another architecture (LookupViT), which the
+  sweep builds from its run's summary.json."""
   import subprocess
-  run = str(tmp_path / "dyn")
+  from configs import fmnist_lookupvit
+  run, lookup_run = str(tmp_path / "dyn"), str(tmp_path / "lookup")
   c = fmnist_learned.get_config(f"method=dynamicvit,runlocal,init_from={dense_run}")
   train.train_and_evaluate(c, run)
+  lookup = train.train_and_evaluate(fmnist_lookupvit.get_config("runlocal"), lookup_run)
   r = subprocess.run([sys.executable, "eval.py", "--mode=sweep",
-                      f"--config=configs/fmnist_vit.py:runlocal,fine_tuned={run}", f"--workdir={dense_run}"],
-                      cwd=ROOT, capture_output=True, text=True, timeout=600)
+                      f"--config=configs/fmnist_vit.py:runlocal,fine_tuned={run};{lookup_run}",
+                      f"--workdir={dense_run}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(dense_run, "sweep.json")) as f:
     rows = {row["reducer"]: row for row in json.load(f)["rows"]}
   label = c.reduce + evaluation.FINE_TUNED
   assert label in rows and rows[label]["gflops"] < rows["dense"]["gflops"]
   assert evaluation.family(label) == "dynamicvit (fine-tuned)" and evaluation.family("tome:r=4") == "tome"
+  row = rows["lookupvit" + evaluation.FINE_TUNED]  # its own model: its FLOPs and accuracy, not the ViT's
+  np.testing.assert_allclose(row["gflops"], lookup["gflops"], rtol=1e-9)
+  np.testing.assert_allclose(row["accuracy"], lookup["test_accuracy"], atol=1e-6)
+  assert row["tokens_per_layer"] == lookup["tokens_per_layer"] != rows["dense"]["tokens_per_layer"]

@@ -72,15 +72,18 @@ FINE_TUNED = " [fine-tuned]"  # the label suffix of rows whose model was fine-tu
 
 def sweep(model: vit.ViT, params, source, specs: Sequence[str], *, batch: int, mean=(0.5,), std=(0.5,),
           limit: int | None = None, image_size: int | None = None, runs: int = 10, warmup: int = 2,
-          log=print, fine_tuned: Sequence[tuple[str, Any]] = ()) -> list[SweepRow]:
+          log=print, fine_tuned: Sequence[tuple] = ()) -> list[SweepRow]:
   """Evaluates `model` (dense weights) under every reducer spec, training-free. The first row is dense.
   fine_tuned: (spec, params) pairs of models fine-tuned with their reducer (learned reducers, or training-free
-  ones trained in), measured in the same run and labelled "<spec> [fine-tuned]"."""
+  ones trained in), or (label, params, other_model) triples for a fine-tuned model of another architecture
+  (e.g. LookupViT; other_model None means `model`), measured in the same run and labelled
+  "<spec> [fine-tuned]"."""
   specs = ["dense"] + [s for s in specs if s not in ("dense", "none", "")]
   models = {s: model.clone(reduce=None if s == "dense" else s) for s in specs}
   own = {}
-  for spec, p in fine_tuned:
-    models[spec + FINE_TUNED] = model.clone(reduce=spec)
+  for spec, p, *other in fine_tuned:
+    other = other[0] if other else None
+    models[spec + FINE_TUNED] = model.clone(reduce=spec) if other is None else other
     own[spec + FINE_TUNED] = p
   timing_batch = next(data.eval_batches(source, batch=batch, mean=mean, std=std, image_size=image_size))["image"]
   image_hw, channels = timing_batch.shape[1:3], timing_batch.shape[3]
