@@ -60,10 +60,10 @@ def run_eval(config, workdir: str) -> dict:
   return result
 
 
-def _fine_tuned_run(run: str, config):
-  """(label, params, model) of a finished train.py run for `evaluation.sweep`. The model is the run's own when
-  its summary.json names one other than the swept model (e.g. LookupViT), else None (the swept ViT with the
-  run's reducer); the label is the run's reducer spec, or its model name when it has none."""
+def _fine_tuned_run(run: str):
+  """(label, params, model) of a finished train.py run for `evaluation.sweep`: the model its summary.json records
+  (any architecture, e.g. LookupViT) with the run's reducer; the label is that reducer spec, or the model name
+  when it has none."""
   from tokcomp import evaluation, models
   summary = os.path.join(run, "summary.json")
   if not os.path.exists(summary):
@@ -73,15 +73,12 @@ def _fine_tuned_run(run: str, config):
   if "test_accuracy" not in s:
     raise ValueError(f"config.fine_tuned entry {run!r}: not a classification run (its summary.json has no "
                      f"test_accuracy)")
-  name, kwargs = s.get("model_name", "vit"), s.get("model")
-  swept = json.loads(json.dumps(config.model.to_dict()))  # as summary.json holds it (tuples -> lists)
-  if kwargs is None or (name == config.get("model_name", "vit") and kwargs == swept):
-    return s["reduce"] or name, evaluation.restore_params(run)[0], None
-  tuples = lambda v: tuple(map(tuples, v)) if isinstance(v, list) else v
-  model = models.get(name)(**{k: tuples(v) for k, v in kwargs.items()})
-  if s["reduce"]:
-    model = model.clone(reduce=s["reduce"])
-  return s["reduce"] or name, evaluation.restore_params(run)[0], model
+  model = None  # runs from before summary.json recorded the model: the swept ViT with the run's reducer
+  if "model" in s:
+    tuples = lambda v: tuple(map(tuples, v)) if isinstance(v, list) else v  # JSON lists back to tuples
+    model = models.get(s.get("model_name", "vit"))(**{k: tuples(v) for k, v in s["model"].items()})
+    model = model.clone(reduce=s["reduce"]) if s["reduce"] else model
+  return s["reduce"] or s.get("model_name", "vit"), evaluation.restore_params(run)[0], model
 
 
 def run_sweep(config, workdir: str) -> dict:
@@ -90,7 +87,7 @@ def run_sweep(config, workdir: str) -> dict:
   specs = [s for s in config.sweep.split(";") if s.strip()]
   fine_tuned = []  # config.fine_tuned: train.py workdirs of models fine-tuned with a reducer, joined by ';'
   for run in filter(None, (r.strip() for r in config.get("fine_tuned", "").split(";"))):
-    fine_tuned.append(_fine_tuned_run(run, config))
+    fine_tuned.append(_fine_tuned_run(run))
   rows = evaluation.sweep(model, params, source, specs, batch=config.eval_batch, mean=mean, std=std,
                           limit=config.get("eval_limit", None), image_size=config.data.get("image_size", None),
                           runs=config.get("sweep_runs", 10), fine_tuned=fine_tuned)
