@@ -292,7 +292,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     params = jax.device_put(params, state_sharding.params)
     state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                     out_shardings=state_sharding)(params)
-    print(f"initialised from {init_from}" + (f"; kept fresh: {kept_fresh}" if kept_fresh else ""), flush=True)
+    print(f"initialised from {init_from}" + (f"; kept fresh: {_modules(kept_fresh)}" if kept_fresh else ""),
+          flush=True)
 
   # Loop.
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -522,6 +523,12 @@ def load_init(path: str, fresh):
                             ".npz/.safetensors checkpoint file")
   from tokcomp.models.vit import match_block_layout  # a per-block checkpoint into a scan model, or back
   return checkpoints.common.overlay(fresh, match_block_layout(dict(loaded), dict(fresh)))
+
+
+def _modules(leaves: list[str]) -> str:
+  """'params/Transformer/encoderblock_1/sit/hidden/bias', ... -> '12 leaves in Transformer/encoderblock_1/sit, ...'."""
+  mods = sorted({"/".join(k.split("/")[1:-1][:3]) or k for k in leaves})
+  return f"{len(leaves)} leaves in " + ", ".join(mods)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:

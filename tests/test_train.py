@@ -169,3 +169,10 @@ def test_bf16_compute_trains(tmp_path):
   c.lr = 1e-2
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(summary["final_loss"]) and abs(summary["final_loss"] - np.log(10)) > 1e-3
+
+
+def test_kept_fresh_leaves_are_reported_per_module():
+  leaves = ["params/Transformer/encoderblock_1/sit/hidden/bias", "params/Transformer/encoderblock_1/sit/rtsm/norm1/scale",
+            "params/Transformer/encoderblock_2/sit/scale", "params/head/kernel"]
+  assert train._modules(leaves) == ("4 leaves in Transformer/encoderblock_1/sit, Transformer/encoderblock_2/sit, "
+                                    "head")
