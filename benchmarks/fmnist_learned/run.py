@@ -3,7 +3,7 @@ r"""The learned-reducer table (issue 5): fine-tune every learned reducer of conf
 same number of steps, then measure them all in one eval.py sweep beside the training-free reducers on the
 dense control.
 
-  python benchmarks/fmnist_learned/run.py --root workdirs/learned [--steps 500] [--only tome,evit]   # trains
+  python benchmarks/fmnist_learned/run.py --root workdirs/learned [--steps 300] [--only tome,evit]   # trains
   python benchmarks/fmnist_learned/run.py --root workdirs/learned --sweep_only --out benchmarks/fmnist_learned
 
 Training runs are train.py subprocesses, one after another (each auto-resumes; a finished one is skipped). The
@@ -75,7 +75,7 @@ def sweep(root: str, out: str):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--root", required=True, help="where the train.py workdirs go (one per method)")
-  p.add_argument("--steps", type=int, default=500)
+  p.add_argument("--steps", type=int, default=300)
   p.add_argument("--init_from", default="benchmarks/fmnist_vit")
   p.add_argument("--only", default="", help="comma-separated methods to train (default: dense and all)")
   p.add_argument("--sweep_only", action="store_true")
