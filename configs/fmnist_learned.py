@@ -13,10 +13,10 @@ distillation from the frozen dense model (KL on the logits, MSE on the kept toke
 Args after the colon: method (one of METHODS), plus every fmnist_vit argument (source, steps (1000), batch, lr
 (2e-4), seed, dtype, init_from (benchmarks/fmnist_vit), runlocal).
 Expect (300 steps of 128 from benchmarks/fmnist_vit, CPU AMD EPYC 2 cores, JAX 0.10.2, 2026-12-07; the table with
-img/s is benchmarks/fmnist_learned/sweep.md), test accuracy at ~0.13-0.14 GFLOPs (50-53 % of dense): tome 85.78 %,
-patchmerger 84.94 %, tokenlearner 84.47 %, evit 83.75 %, stvit 83.09 %, dynamicvit 81.33 %, sit 80.70 %; the
-dense control (same 300 steps, no reducer) 85.82 %. tokenlearner_v1, tokenfuser and diffrate_search have only
-earlier 500-step numbers (benchmarks/fmnist_learned/README.md); sit_frd is not measured yet.
+img/s is benchmarks/fmnist_learned/sweep.md), test accuracy at ~0.13-0.15 GFLOPs (50-55 % of dense): tome 85.78 %,
+patchmerger 84.94 %, tokenfuser 84.62 %, tokenlearner 84.47 %, tokenlearner_v1 84.12 %, evit 83.75 %, stvit 83.09 %,
+dynamicvit 81.33 %, sit_frd 81.04 %, sit 80.70 %; the dense control (same 300 steps, no reducer) 85.82 %;
+diffrate_search's schedule (197-94-72-72-72-71), run training-free on that control, 82.10 %.
 """
 from configs import fmnist_vit
 from configs.common import parse_arg
