@@ -22,3 +22,12 @@ def test_best_at_flops_interpolates_each_curve_and_ranks():
 
 def test_best_at_flops_without_spanning_curves_is_empty():
   assert best_at_flops([row("dense", 0.9, 1.0), row("a:r=1", 0.8, 0.9)], (0.5,)) == {}
+
+
+def test_best_at_flops_does_not_join_fine_tuned_models():
+  """Two fine-tuned rows of one method are two models: no curve between them, even when they span the fraction."""
+  rows = [row("dense", 0.90, 1.0), row("a:v=1 [fine-tuned]", 0.85, 0.6), row("a:v=2 [fine-tuned]", 0.80, 0.4),
+          row("b:r=1", 0.84, 0.6), row("b:r=2", 0.82, 0.4)]
+  best = best_at_flops(rows, (0.5,))["50 %"]
+  assert [m for m, _ in best] == ["b"]
+  assert abs(best[0][1] - 0.83) < 1e-12

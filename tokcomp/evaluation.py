@@ -112,12 +112,13 @@ def family(spec: str) -> str:
 def best_at_flops(rows: Sequence[SweepRow], targets: Sequence[float]) -> dict[str, list[tuple[str, float]]]:
   """{"50 %": [(method, accuracy), ...] best first} at each fraction of the dense GFLOPs (rows[0] is dense),
   interpolated linearly between a method's two measured points around the fraction. Methods whose measured
-  FLOPs do not span it are left out (no extrapolation)."""
+  FLOPs do not span it are left out (no extrapolation), and so are fine-tuned rows: each is its own model, so two
+  of one method (e.g. TokenLearner v1 and v1.1) are not points of one curve."""
   out = {}
   for t in targets:
     g = t * rows[0].gflops
     ranking = []
-    for fam in sorted({family(r.reducer) for r in rows[1:]}):
+    for fam in sorted({family(r.reducer) for r in rows[1:] if not r.reducer.endswith(FINE_TUNED)}):
       pts = sorted((r.gflops, r.accuracy) for r in rows[1:] if family(r.reducer) == fam)
       for (g0, a0), (g1, a1) in zip(pts, pts[1:]):
         if g0 <= g <= g1:
@@ -174,8 +175,9 @@ def plot_sweep(rows: Sequence[SweepRow], path: str, title: str) -> None:
   for ax, key, label in ((axes[0], "gflops", "GFLOPs per image"), (axes[1], "img_s", "img/s")):
     for i, (fam, rs) in enumerate(sorted(families.items())):
       rs = sorted(rs, key=lambda r: getattr(r, key))
-      ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], "-", marker="osv^DPXh<>"[i % 10],
-              color=plt.get_cmap("tab20")(i % 20), label=fam, ms=4)
+      line = "none" if fam.endswith("(fine-tuned)") else "-"  # fine-tuned rows are separate models, not a curve
+      ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], linestyle=line,
+              marker="osv^DPXh<>"[i % 10], color=plt.get_cmap("tab20")(i % 20), label=fam, ms=4)
     ax.plot([getattr(rows[0], key)], [100 * rows[0].accuracy], "k*", ms=12, label="dense")
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
