@@ -1,6 +1,8 @@
 """Shared test helpers: tiny models and token fixtures."""
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,25 @@ def count_compiles(fn):
     return fn(*a, **k)
 
   return jax.jit(traced), lambda: calls["n"]
+
+
+@contextlib.contextmanager
+def backend_compiles():
+  """`with backend_compiles() as n: ...`: n() is how many XLA executables were compiled inside the block (the
+  compile event of `jax.monitoring`). A jitted function's private `_cache_size()` reads the C++ dispatch cache,
+  which jax shares across the process: in a CI run (2026-12-07) it read 0 right after a compile, depending on
+  which tests had run before in that xdist worker. Keep eager jnp ops out of the block: each can compile too."""
+  count = {"n": 0}
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    count["n"] += event == "/jax/core/compile/backend_compile_duration"
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield lambda: count["n"]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6, err_msg=""):
