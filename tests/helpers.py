@@ -62,8 +62,8 @@ def count_compiles(fn):
 def backend_compiles():
   """`with backend_compiles() as n: ...`: n() is how many XLA executables were compiled inside the block (the
   compile event of `jax.monitoring`). A jitted function's private `_cache_size()` reads the C++ dispatch cache,
-  which jax shares across the process: in a CI run (2026-12-07) it read 0 right after a compile, depending on
-  which tests had run before in that xdist worker. Keep eager jnp ops out of the block: each can compile too."""
+  which jax shares across the process: in a CI run (2026-12-07) it read 0 right after a compile, most likely
+  because of the tests run before in that xdist worker. Keep eager jnp ops out of the block: they compile too."""
   count = {"n": 0}
 
   def listener(event, duration_secs, **kwargs):
