@@ -175,7 +175,7 @@ def plot_sweep(rows: Sequence[SweepRow], path: str, title: str) -> None:
   for ax, key, label in ((axes[0], "gflops", "GFLOPs per image"), (axes[1], "img_s", "img/s")):
     for i, (fam, rs) in enumerate(sorted(families.items())):
       rs = sorted(rs, key=lambda r: getattr(r, key))
-      line = "none" if fam.endswith("(fine-tuned)") else "-"  # fine-tuned rows are separate models, not a curve
+      line = "none" if rs[0].reducer.endswith(FINE_TUNED) else "-"  # fine-tuned rows are separate models
       ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], linestyle=line,
               marker="osv^DPXh<>"[i % 10], color=plt.get_cmap("tab20")(i % 20), label=fam, ms=4)
     ax.plot([getattr(rows[0], key)], [100 * rows[0].accuracy], "k*", ms=12, label="dense")
